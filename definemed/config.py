@@ -10,7 +10,8 @@ from pathlib import Path
 from typing import Any, Type, TypeVar
 
 import yaml
-from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, ValidationError, ValidationInfo, field_validator
+from typing_extensions import Annotated
 
 T = TypeVar("T", bound="StrictModel")
 
@@ -47,6 +48,36 @@ def existing_path(value: str | os.PathLike) -> str:
     return s
 
 
+def _check_input_path(value: str, info: ValidationInfo) -> str:
+    """Inputs must exist before work starts, except paths a preceding pipeline stage will produce."""
+    s = str(value)
+    deferred = (info.context or {}).get("deferred_paths", ()) if info is not None else ()
+    if any(s == d or s.startswith(str(d).rstrip("/") + "/") for d in deferred):
+        return s
+    return existing_path(s)
+
+
+#: A path (or glob / remote URI) that must exist locally before the stage runs. Used for lineage hashing too.
+InputPath = Annotated[str, AfterValidator(_check_input_path)]
+
+
+class StageConfig(StrictModel):
+    """Common shape of a stage config: where it writes, and where Ray runs."""
+
+    output_dir: str
+    ray: RayConfig = RayConfig()
+
+    def lineage_inputs(self) -> dict[str, str]:
+        """Inputs hashed into the lineage manifest: every top-level InputPath field by default."""
+        out = {}
+        for name, field in type(self).model_fields.items():
+            if any(getattr(m, "func", None) is _check_input_path for m in field.metadata):
+                value = getattr(self, name)
+                if value is not None:
+                    out[name] = value
+        return out
+
+
 def _field_path(loc: tuple) -> str:
     return ".".join(str(p) for p in loc) or "<root>"
 
@@ -80,9 +111,10 @@ def load_yaml(path: str | os.PathLike) -> dict[str, Any]:
     return data
 
 
-def parse_config(model: Type[T], data: dict[str, Any], source: str | None = None) -> T:
+def parse_config(model: Type[T], data: dict[str, Any], source: str | None = None,
+                 context: dict[str, Any] | None = None) -> T:
     try:
-        return model.model_validate(data)
+        return model.model_validate(data, context=context)
     except ValidationError as e:
         raise ConfigError(format_validation_error(e, source)) from None
 
@@ -110,6 +142,8 @@ __all__ = [
     "ConfigError",
     "StrictModel",
     "RayConfig",
+    "StageConfig",
+    "InputPath",
     "existing_path",
     "field_validator",
     "load_config",

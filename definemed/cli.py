@@ -1,0 +1,101 @@
+"""`definemed <stage> --config FILE [--ray-address ADDR]` and `definemed pipeline`. A thin wrapper over
+definemed.stages / definemed.pipeline; exit code 2 means the config was rejected before any work started."""
+from __future__ import annotations
+
+import logging
+import sys
+from typing import Optional
+
+import typer
+
+from definemed.config import ConfigError, load_config
+from definemed.stages import STAGES, get_stage, run_stage
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="DeFineMed: German medical LLMs from general instruct models, on Ray.")
+
+CONFIG_OPT = typer.Option(..., "--config", "-c", help="Stage YAML config (see configs/).")
+RAY_OPT = typer.Option(None, "--ray-address",
+                       help="Ray cluster address or 'auto'. Default: start a local Ray in-process.")
+
+
+def _fail_config(e: Exception) -> None:
+    typer.echo(f"error: {e}", err=True)
+    raise typer.Exit(2)
+
+
+def print_outputs(stage: str, outputs: dict[str, str]) -> None:
+    typer.echo(f"[{stage}] outputs:")
+    for k, v in outputs.items():
+        typer.echo(f"  {k}: {v}")
+
+
+def run_stage_cli(stage_name: str, config: str, ray_address: Optional[str]) -> dict[str, str]:
+    try:
+        stage = get_stage(stage_name)
+        cfg = load_config(stage.config_model(), config)
+    except ConfigError as e:
+        _fail_config(e)
+    try:
+        outputs = run_stage(stage, cfg, ray_address=ray_address)
+    except ConfigError as e:
+        _fail_config(e)
+    print_outputs(stage_name, outputs)
+    return outputs
+
+
+def _make_stage_command(name: str, help_text: str):
+    def command(config: str = CONFIG_OPT, ray_address: Optional[str] = RAY_OPT) -> None:
+        run_stage_cli(name, config, ray_address)
+
+    command.__name__ = name.replace("-", "_")
+    command.__doc__ = help_text
+    return command
+
+
+for _name, _stage in STAGES.items():
+    app.command(name=_name, help=_stage.help)(_make_stage_command(_name, _stage.help))
+
+
+@app.command()
+def pipeline(config: str = CONFIG_OPT, ray_address: Optional[str] = RAY_OPT,
+             only: Optional[str] = typer.Option(None, help="Comma-separated subset of stages to run.")) -> None:
+    """Run the stages of a pipeline config in order (the demo: configs/demo.yaml)."""
+    from definemed.pipeline import load_pipeline, run_pipeline
+
+    try:
+        pcfg = load_pipeline(config, only=only.split(",") if only else None)
+    except ConfigError as e:
+        _fail_config(e)
+    try:
+        results = run_pipeline(pcfg, ray_address=ray_address)
+    except ConfigError as e:
+        _fail_config(e)
+    typer.echo("\n=== definemed pipeline finished; outputs ===")
+    for stage, outputs in results.items():
+        print_outputs(stage, outputs)
+
+
+@app.command()
+def validate(stage: str = typer.Argument(..., help="Stage name, or 'pipeline'."), config: str = CONFIG_OPT) -> None:
+    """Validate a config without running anything (exit 2 if invalid)."""
+    try:
+        if stage == "pipeline":
+            from definemed.pipeline import load_pipeline
+
+            load_pipeline(config)
+        else:
+            load_config(get_stage(stage).config_model(), config)
+    except ConfigError as e:
+        _fail_config(e)
+    typer.echo(f"{config}: valid {stage} config")
+
+
+def main() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        stream=sys.stderr)
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""Bundled German sample data and loaders for the real datasets."""

@@ -1,0 +1,62 @@
+"""Start or join Ray the same way for every stage.
+
+No address: a local Ray in this process with explicit logical resources (the physical cores are oversubscribed
+so Serve's ingress replica and vLLM placement groups can schedule on a 2-core laptop). An address (or "auto"):
+join that cluster; its resources are the cluster's own.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any
+
+from definemed.config import RayConfig
+
+log = logging.getLogger(__name__)
+
+# Variables workers need to see the same way as the driver (vLLM CPU KV cache, offline hub).
+_FORWARD_ENV = ("VLLM_CPU_KVCACHE_SPACE", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "DEFINEMED_CACHE",
+                "VLLM_CPU_OMP_THREADS_BIND", "OMP_NUM_THREADS")
+
+
+def default_env() -> dict[str, str]:
+    env = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "VLLM_CPU_KVCACHE_SPACE": "1",
+           "TOKENIZERS_PARALLELISM": "false"}
+    for k in _FORWARD_ENV:
+        if k in os.environ:
+            env[k] = os.environ[k]
+    return env
+
+
+def init_ray(cfg: RayConfig | None = None, address: str | None = None, **overrides: Any):
+    """Idempotent ray.init. `address` (e.g. from --ray-address) wins over cfg.address."""
+    import ray
+
+    cfg = cfg or RayConfig()
+    addr = address if address is not None else cfg.address
+    if ray.is_initialized():
+        return ray.get_runtime_context()
+    for k, v in default_env().items():
+        os.environ.setdefault(k, v)
+    runtime_env = dict(cfg.runtime_env or {})
+    runtime_env.setdefault("env_vars", {})
+    runtime_env["env_vars"] = {**default_env(), **runtime_env["env_vars"]}
+    kwargs: dict[str, Any] = dict(namespace=cfg.namespace, runtime_env=runtime_env, log_to_driver=True,
+                                  logging_level=logging.WARNING)
+    if addr in (None, "", "local"):
+        kwargs.update(address="local", num_cpus=cfg.num_cpus, include_dashboard=cfg.include_dashboard,
+                      dashboard_host=cfg.dashboard_host)
+        if cfg.num_gpus is not None:
+            kwargs["num_gpus"] = cfg.num_gpus
+    else:
+        kwargs["address"] = addr
+    kwargs.update(overrides)
+    log.info("ray.init(%s)", {k: v for k, v in kwargs.items() if k != "runtime_env"})
+    return ray.init(**kwargs)
+
+
+def shutdown_ray() -> None:
+    import ray
+
+    if ray.is_initialized():
+        ray.shutdown()

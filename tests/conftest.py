@@ -1,0 +1,55 @@
+"""Shared fixtures. Integration tests share ONE local Ray for the whole session (starting Ray is slow)."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+os.environ.setdefault("DEFINEMED_CACHE", str(REPO / ".cache" / "definemed"))
+os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    """One local Ray per test session, with the demo's logical resources."""
+    from definemed.config import RayConfig
+    from definemed.ray_utils import init_ray, shutdown_ray
+
+    init_ray(RayConfig(num_cpus=8))
+    yield
+    shutdown_ray()
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen2() -> str:
+    from definemed.models import resolve_model
+
+    return resolve_model("tiny://qwen2")
+
+
+@pytest.fixture(scope="session")
+def tiny_mistral() -> str:
+    from definemed.models import resolve_model
+
+    return resolve_model("tiny://mistral")
+
+
+@pytest.fixture(scope="session")
+def tiny_xlmr() -> str:
+    from definemed.models import resolve_model
+
+    return resolve_model("tiny://xlm-roberta")
+
+
+@pytest.fixture(scope="session")
+def vllm_qwen2(tiny_qwen2):
+    """One vLLM CPU engine on the tiny Qwen2 for all tests that only need *an* engine."""
+    from definemed.engine import make_llm
+
+    llm = make_llm(tiny_qwen2)
+    yield llm
+    del llm
