@@ -21,7 +21,7 @@ RAY_OPT = typer.Option(None, "--ray-address",
 
 def _fail_config(e: Exception) -> None:
     typer.echo(f"error: {e}", err=True)
-    raise typer.Exit(2)
+    raise SystemExit(2)
 
 
 def print_outputs(stage: str, outputs: dict[str, str]) -> None:

@@ -34,6 +34,8 @@ def init_ray(cfg: RayConfig | None = None, address: str | None = None, **overrid
 
     cfg = cfg or RayConfig()
     addr = address if address is not None else cfg.address
+    if addr in (None, "") and os.environ.get("RAY_ADDRESS"):
+        addr = os.environ["RAY_ADDRESS"]  # inside `ray job submit`: join the job's cluster, never start a new one
     if ray.is_initialized():
         return ray.get_runtime_context()
     for k, v in default_env().items():

@@ -47,6 +47,11 @@ STAGES: dict[str, Stage] = {
     for s in [
         Stage("tiny-models", "definemed.models.stage:TinyModelsConfig", "definemed.models.stage:run",
               "Build (or reuse) the cached tiny offline models and check they load.", uses_ray=False),
+        # -- corpus (issue 4): annotate, classify-train, filter
+        # -- train (issue 5): pack, cpt
+        # -- merge (issue 6): merge
+        # -- serve (issue 7): serve-demo
+        # -- eval (issue 8): eval
     ]
 }
 

@@ -1,0 +1,1 @@
+"""Thin entrypoints for `ray job submit --working-dir . -- python -m jobs.<stage> --config configs/<file>.yaml`."""
