@@ -1,4 +1,8 @@
-"""The bundled sample: German web documents (FineWeb2 schema), MC benchmarks and clinical prompts."""
+"""The bundled sample: German web documents (FineWeb2 schema), MC benchmarks and clinical prompts.
+
+Everything here was written for this project (see DATA_CARD.md). `src/*.jsonl` are the editable sources;
+`fineweb2_de/` and `malformed/` are built from them by scripts/build_sample_data.py.
+"""
 from __future__ import annotations
 
 import json
@@ -7,6 +11,23 @@ from typing import Iterator
 
 SAMPLE_DIR = Path(__file__).resolve().parent
 SRC_DIR = SAMPLE_DIR / "src"
+
+#: FineWeb2-schema Parquet shards of the web documents (+ topic, gold_label, gold_rationale).
+SAMPLE_WEB_DIR = SAMPLE_DIR / "fineweb2_de"
+#: Deliberately malformed rows for quarantine tests; `malformed_kind` says which defect each row has.
+SAMPLE_MALFORMED = SAMPLE_DIR / "malformed" / "malformed.parquet"
+SAMPLE_WEB_SRC = (SRC_DIR / "web_medical.jsonl", SRC_DIR / "web_non_medical.jsonl")
+#: MMLU-de style items (question, choices[4], answer index, subject): format "mmlu".
+SAMPLE_MMLU = SRC_DIR / "mmlu_de.jsonl"
+#: MedQA-de style items (question, options A-E, answer_idx letter, meta_info): format "medqa".
+SAMPLE_MEDQA = SRC_DIR / "medqa_de.jsonl"
+#: Clinical instruction prompts for pairwise judging (id, category, prompt).
+SAMPLE_PROMPTS = SRC_DIR / "clinical_prompts.jsonl"
+
+MMLU_SUBJECTS = ("anatomy", "clinical_knowledge", "college_medicine", "medical_genetics",
+                 "professional_medicine", "college_biology")
+PROMPT_CATEGORIES = ("patient_question", "discharge_summary", "drug_interaction", "differential_diagnosis",
+                     "patient_friendly_rewording")
 
 
 def iter_tokenizer_texts() -> Iterator[str]:
