@@ -158,7 +158,8 @@ def _plan_web_columns(cfg: WebSourceConfig, files: list[str], fs: Any) -> tuple[
         clash = [n for n in extras if n in targets]
         if clash:
             raise ConfigError(f"extra_columns {clash} clash with mapped column names")
-    read = list(mapping.values()) + extras
+    wanted = set(mapping.values()) | set(extras)
+    read = [n for n in first_names if n in wanted]  # keep the source's column order
     rename = {src: ours for ours, src in mapping.items() if src != ours}
     return read, rename
 
