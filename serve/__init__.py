@@ -1,0 +1,18 @@
+"""On-prem serving: Ray Serve LLM (vLLM engine) behind a secured OpenAI-compatible endpoint.
+
+`serve.launch(cfg)` is the Python API other stages use; `definemed serve --config configs/serve.yaml` the
+service; `serve run serve/config.yaml` the plain Ray Serve way. Heavy imports (Ray, vLLM) load lazily.
+"""
+from __future__ import annotations
+
+from serve.config import AutoscalingConfig, LimitsConfig, ModelSpec, ServeConfig
+
+__all__ = ["ServeConfig", "ModelSpec", "AutoscalingConfig", "LimitsConfig", "launch", "Endpoint", "serve_forever"]
+
+
+def __getattr__(name: str):
+    if name in ("launch", "Endpoint", "serve_forever"):
+        from serve import runtime
+
+        return getattr(runtime, name)
+    raise AttributeError(name)

