@@ -1,0 +1,71 @@
+"""Answers of each candidate model to the clinical prompts, through its OpenAI-compatible endpoint.
+
+Resumable: every answer is cached on disk under a key of (model, prompt text, sampling parameters), so a killed
+run asks again only for what is missing, and a changed prompt or parameter is asked anew.
+"""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Sequence
+
+from pydantic import Field
+
+from definemed.config import StrictModel
+from definemed.data.schemas import PromptItem
+from definemed.eval.cache import JsonlCache, stable_key
+from definemed.eval.client import Endpoint, RequestFailed, RetryConfig, chat, map_requests
+
+log = logging.getLogger(__name__)
+
+SYSTEM_PROMPT_DE = ("Du bist ein sorgfältiger medizinischer Assistent in einem deutschen Krankenhaus. "
+                    "Antworte ausschließlich auf Deutsch, fachlich korrekt, klar und sicher.")
+
+
+class GenerationConfig(StrictModel):
+    system_prompt: str | None = SYSTEM_PROMPT_DE
+    max_tokens: int = Field(512, ge=1)
+    temperature: float = Field(0.0, ge=0)
+    seed: int | None = 0
+    concurrency: int = Field(8, ge=1)
+    retry: RetryConfig = RetryConfig()
+
+
+def _messages(cfg: GenerationConfig, prompt: str) -> list[dict[str, str]]:
+    msgs = [{"role": "system", "content": cfg.system_prompt}] if cfg.system_prompt else []
+    return msgs + [{"role": "user", "content": prompt}]
+
+
+def _params(cfg: GenerationConfig) -> dict:
+    p = {"max_tokens": cfg.max_tokens, "temperature": cfg.temperature}
+    if cfg.seed is not None:
+        p["seed"] = cfg.seed
+    return p
+
+
+def generate_answers(name: str, endpoint: Endpoint, prompts: Sequence[PromptItem], cache_path: str | Path,
+                     cfg: GenerationConfig | None = None) -> dict[str, dict]:
+    """{prompt_id: record with "answer"} for one model; raises RequestFailed after finishing all others if some
+    requests failed beyond the retry bound (a rerun resumes from the cache)."""
+    cfg = cfg or GenerationConfig()
+    cache = JsonlCache(cache_path)
+    client = endpoint.client()
+    params = _params(cfg)
+
+    def key_of(p: PromptItem) -> str:
+        return stable_key("generate", name, endpoint.model, _messages(cfg, p.prompt), params)
+
+    todo = [p for p in prompts if key_of(p) not in cache]
+    if len(todo) < len(prompts):
+        log.info("[%s] %d/%d answers cached, generating %d", name, len(prompts) - len(todo), len(prompts), len(todo))
+
+    def one(p: PromptItem) -> None:
+        out = chat(client, endpoint.model, _messages(cfg, p.prompt), retry=cfg.retry, **params)
+        cache.put({"key": key_of(p), "model": name, "endpoint_model": endpoint.model, "prompt_id": p.id,
+                   "answer": out["text"], "finish_reason": out["finish_reason"], "usage": out["usage"]})
+
+    failures = map_requests(one, todo, cfg.concurrency, desc=f"generate {name}")
+    if failures:
+        raise RequestFailed(f"[{name}] {len(failures)} of {len(todo)} generation request(s) failed; rerun to "
+                            f"resume. First: {failures[0][1]}")
+    return {p.id: cache.get(key_of(p)) for p in prompts}  # type: ignore[misc]
