@@ -50,6 +50,8 @@ STAGES: dict[str, Stage] = {
         # -- corpus (issue 4): annotate, classify-train, filter
         # -- train (issue 5): pack, cpt
         # -- merge (issue 6): merge
+        Stage("merge", "definemed.merge.config:MergeStageConfig", "definemed.merge.run:run",
+              "SLERP-merge the CPT model back into its instruct model (mergekit, layer-wise schedule, Ray task)."),
         # -- serve (issue 7): serve-demo
         # -- eval (issue 8): eval
     ]
