@@ -135,13 +135,15 @@ def run(cfg: MergeStageConfig) -> dict[str, str]:
     task = ray.remote(**cfg.resources.ray_options())(merge_on_node).options(name="definemed-merge")
     log.info("merge: %s of %s (t=0) and %s (t=1) as a Ray task with %s", cfg.method, cfg.model_a,
              cfg.model_b, cfg.resources.ray_options())
+    ref = task.remote(cfg, str(out), _node_ref(cfg.model_a), _node_ref(cfg.model_b))
     try:
-        return ray.get(task.remote(cfg, str(out), _node_ref(cfg.model_a), _node_ref(cfg.model_b)))
+        return ray.get(ref)
     except RayTaskError as e:
         _remove_if_empty(out)
         if isinstance(e.cause, ConfigError):
             raise e.cause from None  # one line naming both models; the CLI exits 2
         raise
     except BaseException:
+        ray.cancel(ref, force=True)  # Ctrl-C: stop the merge; its temp dir is removed by the next run
         _remove_if_empty(out)
         raise
