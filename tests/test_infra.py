@@ -96,3 +96,28 @@ def test_readme_and_airgap_guide_reference_real_files():
     assert not missing, f"README/AIRGAP mention files that do not exist: {missing}"
     for mod in set(re.findall(r"python -m (jobs\.[a-z_]+)", text)):
         assert (REPO / (mod.replace(".", "/") + ".py")).exists(), mod
+
+
+def test_rayservice_manifest_serves_our_app_with_secret_keys_and_probes():
+    assert validate_file(K8S / "rayservice.yaml") == ["RayService"]
+    rs = yaml.safe_load((K8S / "rayservice.yaml").read_text())
+    serve_cfg = yaml.safe_load(rs["spec"]["serveConfigV2"])
+    local = yaml.safe_load((REPO / "serve" / "config.yaml").read_text())
+    assert [a["import_path"] for a in serve_cfg["applications"]] == [a["import_path"] for a in local["applications"]]
+    app_cfg = serve_cfg["applications"][0]["args"]["config"]
+    assert (REPO / app_cfg).exists()
+    key_file = yaml.safe_load((REPO / app_cfg).read_text())["api_key_file"]
+    head = rs["spec"]["rayClusterConfig"]["headGroupSpec"]["template"]["spec"]
+    mounts = {m["mountPath"] for m in head["containers"][0]["volumeMounts"]}
+    assert str(Path(key_file).parent) in mounts  # the app's key file comes from the Secret volume
+    secret = yaml.safe_load((K8S / "secret-example.yaml").read_text())
+    assert Path(key_file).name in secret["stringData"]
+
+
+def test_rayservice_schema_rejects_missing_probe(tmp_path):
+    rs = yaml.safe_load((K8S / "rayservice.yaml").read_text())
+    del rs["spec"]["rayClusterConfig"]["headGroupSpec"]["template"]["spec"]["containers"][0]["readinessProbe"]
+    p = tmp_path / "rs.yaml"
+    p.write_text(yaml.safe_dump(rs))
+    with pytest.raises(ValueError, match="readinessProbe"):
+        validate_file(p)

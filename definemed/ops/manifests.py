@@ -195,10 +195,15 @@ class RayServiceSpec(_Open):
 
     @model_validator(mode="after")
     def _secret_and_probes(self):
-        head = self.rayClusterConfig.headGroupSpec.template.spec.containers[0]
-        env = getattr(head, "env", None) or []
-        if not any((e.get("valueFrom") or {}).get("secretKeyRef") for e in env):
-            raise ValueError("the serving head must read its API keys from a Kubernetes Secret (secretKeyRef)")
+        head_tpl = self.rayClusterConfig.headGroupSpec.template
+        head = head_tpl.spec.containers[0]
+        # Every pod that can host the ingress replica needs the keys from a Secret (env ref or mounted volume).
+        for tpl in [head_tpl] + [g.template for g in self.rayClusterConfig.workerGroupSpecs]:
+            env = [e for c in tpl.spec.containers for e in (getattr(c, "env", None) or [])]
+            vols = getattr(tpl.spec, "volumes", None) or []
+            if not (any((e.get("valueFrom") or {}).get("secretKeyRef") for e in env)
+                    or any("secret" in v for v in vols)):
+                raise ValueError("every serving pod must read the API keys from a Kubernetes Secret")
         for probe in ("readinessProbe", "livenessProbe"):
             if not getattr(head, probe, None):
                 raise ValueError(f"the serving head container needs a {probe}")
