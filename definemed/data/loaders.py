@@ -16,7 +16,7 @@ import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable, Iterator, Literal
 
-from pydantic import Field, ValidationError, field_validator, model_validator
+from pydantic import Field, PrivateAttr, ValidationError, field_validator, model_validator
 
 from definemed.config import ConfigError, InputPath, StrictModel
 from definemed.data.schemas import LETTERS, MCItem, PromptItem
@@ -170,7 +170,8 @@ def read_web_ray(cfg: WebSourceConfig, **read_kwargs: Any) -> "ray.data.Dataset"
 
     files, fs = resolve_files(cfg.path, (".parquet",))
     read, rename = _plan_web_columns(cfg, files, fs)
-    ds = ray.data.read_parquet(files, filesystem=fs, columns=read, **read_kwargs)
+    # select_columns right after the read: Ray pushes the projection down into the Parquet reader
+    ds = ray.data.read_parquet(files, filesystem=fs, **read_kwargs).select_columns(read)
     if rename:
         ds = ds.rename_columns(rename)
     if cfg.limit is not None:
@@ -236,10 +237,12 @@ class MCSourceConfig(StrictModel):
     limit: int | None = Field(default=None, ge=1)
     columns: dict[str, str | None] = Field(default_factory=dict)
     on_invalid: Literal["error", "skip"] = "error"
+    _user_keys: set[str] = PrivateAttr(default_factory=set)
 
     @model_validator(mode="after")
     def _merge(self) -> "MCSourceConfig":
         defaults = _MC_DEFAULT_COLUMNS[self.format]
+        self._user_keys = set(self.columns)
         unknown = sorted(set(self.columns) - set(defaults))
         if unknown:
             raise ValueError(f"unknown column key(s) {unknown} for format '{self.format}'; "
@@ -345,18 +348,20 @@ def iter_mc_items(cfg: MCSourceConfig) -> Iterator[MCItem]:
     files, fs = resolve_files(cfg.path, _MC_SUFFIXES)
     wanted = {normalise_subject(s) for s in cfg.subjects} if cfg.subjects else None
     needed = {k: v for k, v in cfg.columns.items() if v}
+    # a default subject column (e.g. MedQA's meta_info) may be absent; one the user named may not
+    optional = {"subject"} - cfg._user_keys
     n = skipped = 0
     for f in files:
         rows, cols = _read_records(f, fs)
         for ours, src in needed.items():
-            if src not in cols:
+            if src not in cols and ours not in optional:
                 raise MissingColumnError(src, f, cols, mapped_to=ours)
         stem = Path(_strip_protocol(f, fs)).stem
         for i, row in enumerate(rows):
             try:
                 item = _row_to_item(row, cfg, f"{cfg.benchmark}/{stem}/{i}", normalise_subject(stem))
             except (ValidationError, ValueError, KeyError, TypeError) as e:
-                msg = str(e).splitlines()[-1].strip() if isinstance(e, ValidationError) else str(e)
+                msg = e.errors()[0]["msg"] if isinstance(e, ValidationError) else str(e)
                 if cfg.on_invalid == "error":
                     raise SourceError(f"{f}: row {i}: invalid {cfg.format} item: {msg}") from None
                 skipped += 1
