@@ -171,7 +171,8 @@ def read_web_ray(cfg: WebSourceConfig, **read_kwargs: Any) -> "ray.data.Dataset"
     files, fs = resolve_files(cfg.path, (".parquet",))
     read, rename = _plan_web_columns(cfg, files, fs)
     # select_columns right after the read: Ray pushes the projection down into the Parquet reader
-    ds = ray.data.read_parquet(files, filesystem=fs, **read_kwargs).select_columns(read)
+    paths = [_strip_protocol(f, fs) for f in files]  # with an explicit filesystem, pyarrow wants bare paths
+    ds = ray.data.read_parquet(paths, filesystem=fs, **read_kwargs).select_columns(read)
     if rename:
         ds = ds.rename_columns(rename)
     if cfg.limit is not None:
