@@ -9,7 +9,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from definemed.config import ConfigError, parse_config
-from definemed.data.loaders import (MCSourceConfig, MissingColumnError, SourceError, WebSourceConfig, load_mc_items,
+from definemed.data.loaders import (MCSourceConfig, MissingColumnError, SourceError, WebSourceConfig, count_web_rows, load_mc_items,
                                     load_prompts, normalise_subject, read_web_pandas, read_web_ray,
                                     sample_mc_config, sample_web_config)
 from definemed.data.sample import SAMPLE_MEDQA, SAMPLE_MMLU, SAMPLE_PROMPTS, PROMPT_CATEGORIES
@@ -106,6 +106,11 @@ def test_read_fineweb2_dir_keeps_its_columns(fineweb2_dir):
     assert list(df.columns) == list(FINEWEB2_COLUMNS)
     assert len(df) == 5 and df["id"].is_unique
     assert df["text"].iloc[3].startswith("Dokument 3")
+
+
+def test_count_web_rows_from_footers(fineweb2_dir):
+    assert count_web_rows(WebSourceConfig(path=str(fineweb2_dir))) == 5
+    assert count_web_rows(WebSourceConfig(path=str(fineweb2_dir), limit=2)) == 2
 
 
 def test_read_fineweb2_glob_uri_and_limit(fineweb2_dir):

@@ -180,6 +180,25 @@ def read_web_ray(cfg: WebSourceConfig, **read_kwargs: Any) -> "ray.data.Dataset"
     return ds
 
 
+def count_web_rows(cfg: WebSourceConfig) -> int:
+    """Row count from the Parquet footers only (no data read), e.g. for a progress bar's total.
+
+    Prefer this to read_web_ray(cfg).count(): after the column projection/rename Ray can no longer answer
+    count() from metadata and reads the files.
+    """
+    import pyarrow.parquet as pq
+
+    files, fs = resolve_files(cfg.path, (".parquet",))
+    n = 0
+    for f in files:
+        if fs is None:
+            n += pq.ParquetFile(f).metadata.num_rows
+        else:
+            with fs.open(_strip_protocol(f, fs), "rb") as fh:
+                n += pq.ParquetFile(fh).metadata.num_rows
+    return n if cfg.limit is None else min(n, cfg.limit)
+
+
 def read_web_pandas(cfg: WebSourceConfig) -> "pd.DataFrame":
     """Read a small set of web documents eagerly (tests, notebooks, the sample). Same mapping as read_web_ray."""
     import pyarrow as pa
@@ -432,7 +451,7 @@ def sample_mc_config(benchmark: Literal["mmlu", "medqa"], **overrides: Any) -> M
 
 __all__ = [
     "MissingColumnError", "SourceError", "resolve_files",
-    "WebSourceConfig", "read_web_ray", "read_web_pandas",
+    "WebSourceConfig", "read_web_ray", "read_web_pandas", "count_web_rows",
     "MCItem", "MCSourceConfig", "MCFormat", "normalise_subject", "iter_mc_items", "load_mc_items",
     "PromptItem", "load_prompts", "sample_web_config", "sample_mc_config",
 ]
