@@ -57,6 +57,22 @@ for _name, _stage in STAGES.items():
     app.command(name=_name, help=_stage.help)(_make_stage_command(_name, _stage.help))
 
 
+@app.command("serve")
+def serve_command(config: str = CONFIG_OPT, ray_address: Optional[str] = RAY_OPT,
+                  detach: bool = typer.Option(False, help="On a cluster: deploy and return, leaving the app up.")
+                  ) -> None:
+    """Host the configured models behind the secured OpenAI-compatible endpoint until Ctrl-C / SIGTERM."""
+    from serve.config import ServeConfig
+    from serve.runtime import serve_forever
+    from serve.security import NoApiKeyError
+
+    try:
+        cfg = load_config(ServeConfig, config)
+        serve_forever(cfg, ray_address=ray_address, detach=detach)
+    except (ConfigError, NoApiKeyError) as e:
+        _fail_config(e)
+
+
 @app.command()
 def pipeline(config: str = CONFIG_OPT, ray_address: Optional[str] = RAY_OPT,
              only: Optional[str] = typer.Option(None, help="Comma-separated subset of stages to run.")) -> None:

@@ -53,6 +53,8 @@ STAGES: dict[str, Stage] = {
         Stage("merge", "definemed.merge.config:MergeStageConfig", "definemed.merge.run:run",
               "SLERP-merge the CPT model back into its instruct model (mergekit, layer-wise schedule, Ray task)."),
         # -- serve (issue 7): serve-demo
+        Stage("serve-demo", "serve.demo:ServeDemoConfig", "serve.demo:run",
+              "Serve the merged model behind the secured OpenAI endpoint, ask one German clinical question, stop."),
         # -- eval (issue 8): eval
     ]
 }

@@ -31,7 +31,7 @@ from starlette.responses import JSONResponse
 from definemed.config import ConfigError, load_config, parse_config
 from definemed.engine import engine_kwargs, is_cpu_build, placement_bundles
 from serve.config import ModelSpec, ServeConfig
-from serve.security import NoApiKeyError, SecurityMiddleware, SecuritySettings, error_body, key_digest, load_api_keys
+from serve.security import SecurityMiddleware, SecuritySettings, error_body, key_digest, resolve_key_digests
 
 log = logging.getLogger("definemed.serve")
 
@@ -121,20 +121,10 @@ def llm_config(spec: ModelSpec, cfg: ServeConfig) -> LLMConfig:
     )
 
 
-def resolve_key_digests(cfg: ServeConfig, extra_keys: tuple[str, ...] = ()) -> list[str]:
-    keys = load_api_keys(cfg.api_key_env, cfg.api_key_file) + [k for k in extra_keys if k]
-    if not keys:
-        where = " or ".join(x for x in (f"${cfg.api_key_env}" if cfg.api_key_env else "",
-                                         f"file {cfg.api_key_file}" if cfg.api_key_file else "") if x)
-        raise NoApiKeyError(f"invalid config field 'api_key_env': no API key found in {where}; "
-                            "the endpoint never starts without one")
-    return [key_digest(k) for k in dict.fromkeys(keys)]
-
-
 def build_app(cfg: ServeConfig, key_digests: Optional[list[str]] = None):
     """The Serve Application (not yet running). Keys are resolved here, where the app is built, and only their
     digests travel to the replicas."""
-    digests = key_digests if key_digests is not None else resolve_key_digests(cfg)
+    digests = key_digests if key_digests is not None else resolve_key_digests(cfg.api_key_env, cfg.api_key_file)
     settings = SecuritySettings(key_digests=list(digests), max_body_bytes=cfg.limits.max_body_bytes,
                                 max_concurrent_per_key=cfg.limits.max_concurrent_per_key,
                                 requests_per_minute_per_key=cfg.limits.requests_per_minute_per_key)

@@ -6,9 +6,11 @@ parallel, more replicas); only sizes, paths and addresses differ.
 from __future__ import annotations
 
 import ipaddress
+import re
+from pathlib import Path
 from typing import Optional
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, ValidationInfo, field_validator, model_validator
 
 from definemed.config import RayConfig, StrictModel
 from definemed.engine import EngineConfig
@@ -35,14 +37,28 @@ class AutoscalingConfig(StrictModel):
         return out
 
 
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.\-]*/[\w.\-]+")
+
+
 class ModelSpec(StrictModel):
     """One model the endpoint serves. Clients select it with `model=<id>` (OpenAI convention)."""
 
     id: str = Field(min_length=1, pattern=r"^[A-Za-z0-9._:\-/]+$")
-    model: str = Field(min_length=1, description="local path, hub id or tiny:// reference")
+    model: str = Field(min_length=1, description="local path, hub id (org/name) or tiny:// reference")
     engine: EngineConfig = EngineConfig()
     autoscaling: AutoscalingConfig = AutoscalingConfig()
     max_ongoing_requests: int = Field(64, ge=1, description="per replica; Serve queues above this")
+
+    @field_validator("model")
+    @classmethod
+    def _exists(cls, v: str, info: ValidationInfo) -> str:
+        # A missing local model must fail at validation, not after minutes of replica start-up.
+        if "://" in v or Path(v).expanduser().exists() or _HUB_ID.fullmatch(v):
+            return v
+        deferred = (info.context or {}).get("deferred_paths", ()) if info is not None else ()
+        if any(v == d or v.startswith(str(d).rstrip("/") + "/") for d in deferred):
+            return v
+        raise ValueError(f"path does not exist: {v}")
 
 
 class IngressConfig(StrictModel):

@@ -147,8 +147,8 @@ def launch(cfg: ServeConfig, api_key: Optional[str] = None, *, ephemeral_key: bo
     from ray.serve.api import _run
 
     from definemed.ray_utils import init_ray
-    from serve.app import build_app, key_digest
-    from serve.security import load_api_keys
+    from serve.app import build_app
+    from serve.security import key_digest, load_api_keys
 
     owns_ray = not ray.is_initialized()
     init_ray(cfg.ray, address=ray_address)

@@ -57,6 +57,17 @@ def load_api_keys(api_key_env: Optional[str], api_key_file: Optional[str]) -> li
     return list(dict.fromkeys(keys))
 
 
+def resolve_key_digests(api_key_env: Optional[str], api_key_file: Optional[str]) -> list[str]:
+    """SHA-256 digests of the configured keys; refuses (NoApiKeyError) when there is none."""
+    keys = load_api_keys(api_key_env, api_key_file)
+    if not keys:
+        where = " or ".join(x for x in (f"${api_key_env}" if api_key_env else "",
+                                         f"file {api_key_file}" if api_key_file else "") if x)
+        raise NoApiKeyError(f"invalid config field 'api_key_env': no API key found in {where}; "
+                            "the endpoint never starts without one")
+    return [key_digest(k) for k in keys]
+
+
 def error_body(message: str, type_: str, code: str, param: Optional[str] = None) -> dict:
     """OpenAI's error shape."""
     return {"error": {"message": message, "type": type_, "param": param, "code": code}}
