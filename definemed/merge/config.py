@@ -13,7 +13,6 @@ from typing_extensions import Annotated
 
 from definemed.config import StageConfig, StrictModel, _check_input_path
 
-METHODS = ("slerp", "linear", "ties", "dare_ties")
 DEFAULT_KEY = "default"
 # The study's shape: attention moves from instruct (first layers) to CPT (last layers), MLP the other way round.
 STUDY_SCHEDULE: dict[str, float | list[float]] = {
