@@ -48,7 +48,21 @@ STAGES: dict[str, Stage] = {
         Stage("tiny-models", "definemed.models.stage:TinyModelsConfig", "definemed.models.stage:run",
               "Build (or reuse) the cached tiny offline models and check they load.", uses_ray=False),
         # -- corpus (issue 4): annotate, classify-train, filter
+        Stage("annotate", "definemed.corpus.config:AnnotateConfig", "definemed.corpus.stage:run_annotate",
+              "Label a seeded sample medical/non-medical with an LLM (Ray Data + vLLM or an OpenAI endpoint); "
+              "quality report vs human labels."),
+        Stage("classify-train", "definemed.corpus.config:ClassifyConfig", "definemed.corpus.stage:run_classify",
+              "Fine-tune the XLM-R medical classifier under Ray Train; threshold sweep, PR curve, HF model dir."),
+        Stage("filter", "definemed.corpus.config:FilterConfig", "definemed.corpus.stage:run_filter",
+              "Score the corpus with the classifier (autoscaling actor pool), keep >= threshold, dedup, "
+              "decontaminate, redact PII: FineMed-de + stats."),
         # -- train (issue 5): pack, cpt
+        Stage("pack", "definemed.train.pack:PackConfig", "definemed.train.pack:run",
+              "Tokenize FineMed-de on Ray Data (EOS per document) and bin-pack it best-fit-decreasing into "
+              "constant-length sequences; padding vs naive one-document-per-row."),
+        Stage("cpt", "definemed.train.cpt:CptConfig", "definemed.train.cpt:run",
+              "Continual pre-training on Ray Train: FSDP2/HSDP, micro batch 1, sharded checkpoints with "
+              "automatic resume, MFU metrics, HF safetensors export."),
         # -- merge (issue 6): merge
         Stage("merge", "definemed.merge.config:MergeStageConfig", "definemed.merge.run:run",
               "SLERP-merge the CPT model back into its instruct model (mergekit, layer-wise schedule, Ray task)."),
