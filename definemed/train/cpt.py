@@ -254,6 +254,21 @@ def _check_packed(cfg: CptConfig) -> dict[str, Any]:
     return stats
 
 
+def _check_tokenizer(stats: dict[str, Any], model_path: str, cfg: CptConfig) -> None:
+    """Token ids only mean something to the tokenizer that made them: refuse a pack from another vocabulary."""
+    from definemed.train.pack import load_tokenizer
+
+    if Path(stats["tokenizer"]).resolve() == Path(model_path).resolve():
+        return
+    try:
+        same = load_tokenizer(stats["tokenizer"]).get_vocab() == load_tokenizer(model_path).get_vocab()
+    except (OSError, ValueError):
+        same = False
+    if not same:
+        raise ConfigError(f"invalid config field 'packed': {cfg.packed} was tokenized for {stats['model']} "
+                          f"({stats['tokenizer']}), whose vocabulary differs from model {cfg.model}")
+
+
 def build_trainer(cfg: CptConfig, model_path: str):
     from ray.train import CheckpointConfig as RayCheckpointConfig
     from ray.train import FailureConfig, RunConfig, ScalingConfig
@@ -286,6 +301,7 @@ def run(cfg: CptConfig) -> dict[str, str]:
 
     stats = _check_packed(cfg)
     model_path = resolve_model(cfg.model)
+    _check_tokenizer(stats, model_path, cfg)
     out = Path(cfg.output_dir).resolve()
     print(f"[cpt] {cfg.model}: {cfg.parallel.num_workers} workers, mesh (replicate x shard) = "
           f"{cfg.parallel.num_workers // (cfg.parallel.shard_group_size or cfg.parallel.num_workers)} x "
