@@ -101,6 +101,19 @@ def test_schedule_defaults_and_normalisation(tmp_path):
         {"num_cpus": 1, "num_gpus": 1, "memory": 2 * 2**30}
 
 
+def test_laptop_and_cluster_configs_differ_only_in_paths_dtype_and_resources():
+    from definemed.config import load_yaml
+
+    laptop = load_yaml(REPO / "configs" / "merge.yaml")
+    cluster = load_yaml(REPO / "configs" / "cluster" / "merge.yaml")
+    # the cluster's /models and /data mounts do not exist here; treat them like paths a stage produces
+    c = parse_config(MergeStageConfig, cluster, context={"deferred_paths": ("/models", "/data")})
+    assert c.dtype == "bfloat16" and c.resources.num_gpus == 1 and c.resources.memory == 64 * 2**30
+    assert c.model_b.endswith("/hf_model") and c.t == parse_config(MergeStageConfig, laptop).t
+    differ = {k for k in set(laptop) | set(cluster) if laptop.get(k) != cluster.get(k)}
+    assert differ <= {"ray", "output_dir", "model_a", "model_b", "dtype", "resources"}
+
+
 def test_each_method_maps_to_a_valid_mergekit_config(tmp_path):
     from definemed.merge.methods import to_mergekit
 
