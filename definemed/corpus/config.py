@@ -1,0 +1,117 @@
+"""Configs of the corpus stages. Laptop and cluster YAMLs differ only in sizes, model paths and the Ray address."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, field_validator, model_validator
+
+from definemed.config import InputPath, StageConfig, StrictModel
+from definemed.data.loaders import MCSourceConfig, WebSourceConfig
+from definemed.engine import EngineConfig
+
+PROMPT_DIR = Path(__file__).resolve().parent / "prompts"
+
+
+class _WebStage(StageConfig):
+    source: WebSourceConfig
+    # Longer texts go to quarantine ("oversized"): FineWeb2 has a few multi-MB pages that stall tokenisers.
+    max_text_chars: int = Field(200_000, ge=1)
+
+    def lineage_inputs(self) -> dict[str, str]:
+        return {**super().lineage_inputs(), "source": self.source.path}
+
+
+class HttpBackendConfig(StrictModel):
+    """Any OpenAI-compatible endpoint (our own serve app, vLLM's server, a hosted API)."""
+
+    base_url: str  # e.g. http://127.0.0.1:8000/v1
+    model: str  # the served model name sent in each request
+    api_key_env: str | None = "OPENAI_API_KEY"  # read from the environment, never from the YAML
+    # How the endpoint takes a fixed choice: vLLM >= 0.11 "structured_outputs", older vLLM "guided_choice".
+    choice_field: Literal["structured_outputs", "guided_choice", "none"] = "structured_outputs"
+    concurrency: int = Field(1, ge=1)
+    qps: int | None = Field(None, ge=1)
+    max_retries: int = Field(3, ge=0)
+
+
+class AnnotateConfig(_WebStage):
+    sample_size: int = Field(260_000, ge=1)
+    seed: int = 0
+    shard_size: int = Field(1000, ge=1)  # unit of resume: a finished shard is never labelled again
+    prompt_version: str = "v1"
+    max_doc_chars: int = Field(4000, ge=100)  # the document is cut to this many characters inside the prompt
+    backend: Literal["vllm", "http"] = "vllm"
+    model: str = "tiny://qwen2"  # vLLM backend: tiny://..., a local path or a hub id
+    engine: EngineConfig = EngineConfig(max_model_len=2048)
+    replicas: int = Field(1, ge=1)  # vLLM engine replicas (Ray Data actors)
+    batch_size: int = Field(32, ge=1)
+    max_tokens: int = Field(16, ge=4)  # must cover the longest label in tokens, or labels get cut
+    http: HttpBackendConfig | None = None
+    gold_column: str | None = "gold_label"  # human labels for the quality report, when the source has them
+    bootstrap: int = Field(1000, ge=0)
+
+    @field_validator("prompt_version")
+    @classmethod
+    def _prompt_exists(cls, v: str) -> str:
+        if not (PROMPT_DIR / f"annotate_{v}.txt").exists():
+            known = sorted(p.stem.removeprefix("annotate_") for p in PROMPT_DIR.glob("annotate_*.txt"))
+            raise ValueError(f"unknown prompt version '{v}', known: {known}")
+        return v
+
+    @model_validator(mode="after")
+    def _backend(self) -> "AnnotateConfig":
+        if self.backend == "http" and self.http is None:
+            raise ValueError("backend 'http' needs an 'http' section (base_url, model)")
+        return self
+
+
+class ClassifyConfig(StageConfig):
+    annotations: InputPath  # the annotate stage's output_dir
+    # llm: the annotator's labels (the study). gold: the sample's human labels (the demo: a tiny random
+    # annotator's labels are noise, so training on them would prove nothing).
+    label_source: Literal["llm", "gold"] = "llm"
+    gold_column: str = "gold_label"
+    model: str = "tiny://xlm-roberta"
+    num_workers: int = Field(2, ge=1)  # Ray Train data-parallel workers
+    use_gpu: bool = False
+    epochs: int = Field(3, ge=1)
+    batch_size: int = Field(16, ge=1)  # per worker
+    lr: float = Field(2e-5, gt=0)
+    weight_decay: float = Field(0.01, ge=0)
+    warmup_ratio: float = Field(0.06, ge=0, lt=1)
+    max_length: int = Field(256, ge=8)
+    threshold: float = Field(0.9, gt=0, lt=1)  # decision threshold for "medical" (study: 0.9)
+    beta: float = Field(0.7, gt=0)  # early stopping on F-beta at the threshold (study: 0.7)
+    patience: int = Field(2, ge=1)  # epochs without F-beta improvement before stopping
+    val_fraction: float = Field(0.1, gt=0, lt=0.5)
+    test_fraction: float = Field(0.1, gt=0, lt=0.5)
+    seed: int = 0
+    sweep: list[float] = [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 0.95]
+
+
+class DecontamConfig(StrictModel):
+    enabled: bool = True
+    ngram: int = Field(13, ge=3)
+    mc: list[MCSourceConfig] = []
+    prompts: list[InputPath] = []
+
+
+class FilterConfig(_WebStage):
+    classifier: InputPath  # an HF model directory (the classify-train stage's model/)
+    threshold: float = Field(0.9, gt=0, lt=1)
+    min_actors: int = Field(1, ge=1)  # autoscaling scorer pool (Ray Data ActorPoolStrategy)
+    max_actors: int = Field(2, ge=1)
+    batch_size: int = Field(64, ge=1)
+    max_length: int = Field(256, ge=8)
+    num_cpus_per_actor: float = Field(1.0, gt=0)
+    num_gpus_per_actor: float = Field(0.0, ge=0)
+    dedup: bool = True
+    decontam: DecontamConfig = DecontamConfig()
+    pii: bool = True
+
+    @model_validator(mode="after")
+    def _pool(self) -> "FilterConfig":
+        if self.max_actors < self.min_actors:
+            raise ValueError(f"max_actors ({self.max_actors}) must be >= min_actors ({self.min_actors})")
+        return self
