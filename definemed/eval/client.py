@@ -40,15 +40,21 @@ class RequestFailed(RuntimeError):
 
 @dataclass
 class Endpoint:
-    base_url: str
+    """Where one model answers. `resolve` (optional) supplies (base_url, api_key) on first use, so a server
+    that only hosts models for this run (our serve app) starts only if some request is still missing."""
+
+    base_url: str | None
     model: str
-    api_key: str
+    api_key: str = ""
     timeout_s: float = 120.0
     http_client: Any = None  # tests pass an httpx client with a MockTransport
+    resolve: Any = None
 
     def client(self):
         from openai import OpenAI
 
+        if self.base_url is None:
+            self.base_url, self.api_key = self.resolve()
         # The client's own retries are off: the bound and what counts as transient live in chat() below.
         return OpenAI(base_url=self.base_url, api_key=self.api_key, timeout=self.timeout_s, max_retries=0,
                       http_client=self.http_client)

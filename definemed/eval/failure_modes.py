@@ -9,7 +9,6 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 from functools import lru_cache
-from importlib import resources
 from pathlib import Path
 from typing import Iterable, Sequence
 
@@ -34,7 +33,9 @@ def words(text: str) -> list[str]:
 
 def load_allowlist(paths: Iterable[str | Path] = ()) -> frozenset[str]:
     """The bundled medical-term allowlist plus any user lists (one term a line, '#' comments)."""
-    texts = [resources.files("definemed.eval").joinpath("assets/medical_terms_de.txt").read_text(encoding="utf-8")]
+    from definemed.eval.medical_terms import TERMS_DE
+
+    texts = [TERMS_DE]
     texts += [Path(p).read_text(encoding="utf-8") for p in paths]
     terms = set()
     for t in texts:

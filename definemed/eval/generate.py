@@ -49,7 +49,6 @@ def generate_answers(name: str, endpoint: Endpoint, prompts: Sequence[PromptItem
     requests failed beyond the retry bound (a rerun resumes from the cache)."""
     cfg = cfg or GenerationConfig()
     cache = JsonlCache(cache_path)
-    client = endpoint.client()
     params = _params(cfg)
 
     def key_of(p: PromptItem) -> str:
@@ -58,6 +57,8 @@ def generate_answers(name: str, endpoint: Endpoint, prompts: Sequence[PromptItem
     todo = [p for p in prompts if key_of(p) not in cache]
     if len(todo) < len(prompts):
         log.info("[%s] %d/%d answers cached, generating %d", name, len(prompts) - len(todo), len(prompts), len(todo))
+
+    client = endpoint.client() if todo else None
 
     def one(p: PromptItem) -> None:
         out = chat(client, endpoint.model, _messages(cfg, p.prompt), retry=cfg.retry, **params)

@@ -187,7 +187,6 @@ def judge_pairs(endpoint: Endpoint, tasks: Sequence[JudgeTask], cache_path: str 
     """Judge every task not yet in the cache; returns the judgment records of all tasks, in task order."""
     cfg = cfg or JudgeConfig()
     cache = JsonlCache(cache_path)
-    client = endpoint.client()
     params: dict[str, Any] = {"max_tokens": cfg.max_tokens, "temperature": cfg.temperature}
     if cfg.seed is not None:
         params["seed"] = cfg.seed
@@ -198,6 +197,8 @@ def judge_pairs(endpoint: Endpoint, tasks: Sequence[JudgeTask], cache_path: str 
     todo = [(k, t) for k, t in dict(zip(keys, tasks)).items() if k not in cache]
     if len(todo) < len(tasks):
         log.info("judge: %d/%d judgments cached, %d to go", len(tasks) - len(todo), len(tasks), len(todo))
+
+    client = endpoint.client() if todo else None
 
     def one(kt: tuple[str, JudgeTask]) -> None:
         key, t = kt

@@ -1,0 +1,139 @@
+"""The `eval` stage config: which models, which benchmarks and prompts, how they are served and judged.
+
+A model is reached through an OpenAI-compatible `endpoint` (any server), or, when it has only a `path`,
+hosted for the run by our serve app (`serve.launch`). MC scoring needs the weights (`path`): it runs the vLLM
+engine (or transformers) locally, because letter log-likelihoods come from prompt logprobs.
+"""
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import Field, model_validator
+
+from definemed.config import InputPath, StageConfig, StrictModel
+from definemed.data.loaders import MCSourceConfig
+from definemed.engine import EngineConfig
+from definemed.eval.client import EndpointConfig
+from definemed.eval.generate import GenerationConfig
+from definemed.eval.judge import JudgeConfig
+from definemed.eval.mc import MCPromptConfig, MCScoringConfig
+
+_NAME = r"^[A-Za-z0-9._\-]+$"
+
+
+class ModelRef(StrictModel):
+    path: InputPath | None = Field(None, description="model dir, tiny://name or an existing path; needed for MC "
+                                                     "scoring and for hosting with the serve app")
+    endpoint: EndpointConfig | None = Field(None, description="an already running OpenAI-compatible endpoint; "
+                                                              "default: host `path` with our serve app")
+    engine: EngineConfig = EngineConfig()
+    tokenizer: str | None = Field(None, description="tokenizer for token counts (default: path)")
+
+    @model_validator(mode="after")
+    def _reachable(self) -> "ModelRef":
+        if self.path is None and self.endpoint is None:
+            raise ValueError("give `path` (hosted by the serve app) or `endpoint` (an OpenAI-compatible server)")
+        return self
+
+
+class MCConfig(StrictModel):
+    sources: list[MCSourceConfig] = Field(min_length=1)
+    models: list[str] | None = Field(None, description="models to score (default: every model with a path)")
+    prompt: MCPromptConfig = MCPromptConfig()
+    scoring: MCScoringConfig = MCScoringConfig()
+
+
+class PairwiseConfig(StrictModel):
+    prompts: InputPath = Field(description="JSONL with id, category, prompt (the clinical prompts)")
+    categories: list[str] | None = None
+    limit: int | None = Field(None, ge=1, description="first N prompts (quick runs)")
+    pairs: list[tuple[str, str]] = Field(min_length=1, description="(candidate, opponent) pairs; each is "
+                                                                   "judged in both orders on every prompt")
+    generation: GenerationConfig = GenerationConfig()
+    judge: JudgeConfig = JudgeConfig()
+    length_unit: Literal["words"] = "words"
+
+
+class FailureModesConfig(StrictModel):
+    languages: list[str] = ["GERMAN", "ENGLISH", "FRENCH", "SPANISH", "ITALIAN", "DUTCH", "POLISH",
+                            "PORTUGUESE", "TURKISH", "RUSSIAN", "CHINESE"]
+    min_words: int = Field(4, ge=1)
+    min_confidence: float = Field(0.5, ge=0, le=1)
+    dictionary: str = "de_DE"
+    allowlist_paths: list[InputPath] = []
+
+
+class HostingConfig(StrictModel):
+    """How models given only by `path` are served for the run (our serve app, on a free loopback port)."""
+
+    host: str = "127.0.0.1"
+    port: int = Field(0, ge=0, le=65535)
+    ready_timeout_s: float = Field(900, gt=0)
+    serve: dict[str, Any] = Field(default_factory=dict, description="further ServeConfig fields (limits, ...)")
+
+
+class ReportConfig(StrictModel):
+    title: str = "definemed evaluation"
+    n_boot: int = Field(1000, ge=50)
+    seed: int = 0
+    plots: bool = True
+    html: bool = True
+    meaningless: bool | None = Field(None, description="state that the numbers carry no meaning; None = "
+                                                       "detect tiny random models")
+
+
+class EvalConfig(StageConfig):
+    models: dict[str, ModelRef] = Field(min_length=1, description="name -> model (e.g. base, cpt, merged, "
+                                                                  "reference)")
+    judge: ModelRef | None = None
+    mc: MCConfig | None = None
+    pairwise: PairwiseConfig | None = None
+    failure_modes: FailureModesConfig | None = FailureModesConfig()
+    hosting: HostingConfig = HostingConfig()
+    report: ReportConfig = ReportConfig()
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "EvalConfig":
+        import re
+
+        for name in self.models:
+            if not re.match(_NAME, name) or name == "judge":
+                raise ValueError(f"model name {name!r}: use letters, digits, '.', '_', '-' (and not 'judge')")
+        if self.mc is None and self.pairwise is None:
+            raise ValueError("mc, pairwise: nothing to evaluate, configure at least one")
+        if self.mc is not None:
+            for m in self.mc.models or []:
+                if m not in self.models:
+                    raise ValueError(f"mc.models: unknown model {m!r} (known: {', '.join(self.models)})")
+            for m in self.mc.models or [n for n, r in self.models.items() if r.path]:
+                if self.models[m].path is None:
+                    raise ValueError(f"mc.models: {m!r} has no `path`; MC scoring needs the weights")
+        if self.pairwise is not None:
+            if self.judge is None:
+                raise ValueError("judge: required when `pairwise` is configured")
+            for a, b in self.pairwise.pairs:
+                for m in (a, b):
+                    if m not in self.models:
+                        raise ValueError(f"pairwise.pairs: unknown model {m!r} (known: {', '.join(self.models)})")
+                if a == b:
+                    raise ValueError(f"pairwise.pairs: a model cannot be compared with itself ({a!r})")
+        return self
+
+    def mc_models(self) -> list[str]:
+        if self.mc is None:
+            return []
+        return self.mc.models or [n for n, r in self.models.items() if r.path]
+
+    def lineage_inputs(self) -> dict[str, str]:
+        out: dict[str, str] = {}
+        for name, ref in self.models.items():
+            if ref.path and "://" not in ref.path:
+                out[f"model.{name}"] = ref.path
+        if self.judge is not None and self.judge.path and "://" not in self.judge.path:
+            out["model.judge"] = self.judge.path
+        if self.mc is not None:
+            for i, s in enumerate(self.mc.sources):
+                out[f"mc.{s.benchmark or i}"] = s.path
+        if self.pairwise is not None:
+            out["prompts"] = self.pairwise.prompts
+        return out

@@ -1,0 +1,264 @@
+"""One report per evaluation run: Markdown, HTML (same content) and PNG plots, beside the lineage manifest."""
+from __future__ import annotations
+
+import html
+import json
+import math
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+from definemed.io import atomic_write_text
+
+MEANINGLESS_NOTE = ("**The numbers in this report carry no meaning.** At least one model is a tiny randomly "
+                    "initialised model (or was trained from one); the report proves the evaluation code paths, "
+                    "not model quality.")
+
+
+def _is_tiny_path(ref: str | None) -> bool:
+    if not ref:
+        return False
+    if str(ref).startswith("tiny://"):
+        return True
+    p = Path(ref)
+    if not p.exists():
+        return False
+    if (p / "TINY_MODEL.md").exists():
+        return True
+    # a model trained or merged from a tiny one says so in its lineage manifest (or its stage's)
+    for d in (p, p.parent, p.parent.parent):
+        f = d / "lineage.json"
+        if f.exists() and "tiny://" in f.read_text(encoding="utf-8", errors="ignore"):
+            return True
+    return False
+
+
+def is_meaningless(cfg) -> bool:
+    if cfg.report.meaningless is not None:
+        return cfg.report.meaningless
+    refs = list(cfg.models.values()) + ([cfg.judge] if cfg.judge is not None else [])
+    return any(_is_tiny_path(r.path) for r in refs)
+
+
+def _pct(x: float | None) -> str:
+    return "n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{100 * x:.1f}"
+
+
+def _ci(d: dict) -> str:
+    if not d or d.get("n", 0) == 0 or d.get("value") is None or math.isnan(d["value"]):
+        return "n/a"
+    lo, hi = d.get("lo"), d.get("hi")
+    span = "" if lo is None or math.isnan(lo) else f" [{_pct(lo)}, {_pct(hi)}]"
+    return f"{_pct(d['value'])}{span}"
+
+
+def _table(header: list[str], rows: list[list[Any]]) -> str:
+    esc = lambda v: str(v).replace("|", "\\|").replace("\n", " ")  # noqa: E731
+    lines = ["| " + " | ".join(header) + " |", "| " + " | ".join("---" for _ in header) + " |"]
+    lines += ["| " + " | ".join(esc(v) for v in r) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------- plots
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_mc(rows: list[dict], path: Path) -> Path:
+    plt = _plt()
+    models = sorted({r["model"] for r in rows})
+    groups = sorted({(r["benchmark"], r["subject"]) for r in rows}, key=lambda g: (g[0], g[1] == "overall", g[1]))
+    by = {(r["benchmark"], r["subject"], r["model"]): r for r in rows}
+    width = 0.8 / max(1, len(models))
+    fig, ax = plt.subplots(figsize=(max(6, 0.9 * len(groups) * max(1, len(models)) * 0.6 + 2), 4))
+    for i, m in enumerate(models):
+        xs, ys, err = [], [], [[], []]
+        for g, (b, s) in enumerate(groups):
+            r = by.get((b, s, m))
+            if r is None:
+                continue
+            xs.append(g + (i - (len(models) - 1) / 2) * width)
+            ys.append(r["accuracy"])
+            err[0].append(max(0.0, r["accuracy"] - r["lo"]))
+            err[1].append(max(0.0, r["hi"] - r["accuracy"]))
+        ax.bar(xs, ys, width, yerr=err, capsize=2, label=m)
+    ax.set_xticks(range(len(groups)), [f"{b}\n{s}" for b, s in groups], rotation=45, ha="right", fontsize=7)
+    ax.set_ylim(0, 1)
+    ax.set_ylabel("accuracy (95% bootstrap CI)")
+    ax.set_title("Multiple choice: accuracy per subject")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_win_rates(comparisons: list[dict], path: Path) -> Path:
+    plt = _plt()
+    labels = [f"{c['candidate']} vs {c['opponent']}" for c in comparisons]
+    fig, ax = plt.subplots(figsize=(max(5, 1.6 * len(labels) + 2), 3.8))
+    for off, key, name in ((-0.2, "win_rate", "win-rate"), (0.2, "lc_win_rate", "length-controlled")):
+        vals = [c[key]["value"] for c in comparisons]
+        lo = [max(0.0, v - c[key]["lo"]) if not math.isnan(c[key]["lo"]) else 0 for v, c in zip(vals, comparisons)]
+        hi = [max(0.0, c[key]["hi"] - v) if not math.isnan(c[key]["hi"]) else 0 for v, c in zip(vals, comparisons)]
+        vals = [0 if math.isnan(v) else v for v in vals]
+        ax.bar([i + off for i in range(len(labels))], vals, 0.38, yerr=[lo, hi], capsize=3, label=name)
+    ax.axhline(0.5, color="grey", lw=0.8, ls="--")
+    ax.set_xticks(range(len(labels)), labels, fontsize=8)
+    ax.set_ylim(0, 1)
+    ax.set_ylabel("win-rate (95% bootstrap CI)")
+    ax.set_title("Pairwise LLM-judge win-rate")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_verbosity(rows: list[dict], path: Path) -> Path:
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(6.5, 3.8))
+    allw = [w for r in rows for w in r["words"]]
+    bins = min(30, max(5, len(set(allw))))
+    for r in rows:
+        ax.hist(r["words"], bins=bins, range=(0, max(allw) if allw else 1), alpha=0.45, label=r["model"])
+    ax.set_xlabel("words per answer")
+    ax.set_ylabel("answers")
+    ax.set_title("Verbosity")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+# ---------------------------------------------------------------- markdown
+def render_markdown(cfg, results: dict, plots: dict[str, str]) -> str:
+    md = [f"# {cfg.report.title}", ""]
+    if results.get("meaningless"):
+        md += [f"> {MEANINGLESS_NOTE}", ""]
+    md += ["## Models", ""]
+    rows = []
+    for name, ref in cfg.models.items():
+        where = ref.path or ""
+        via = f"endpoint {ref.endpoint.base_url} (model {ref.endpoint.model})" if ref.endpoint else "serve app"
+        rows.append([name, where, via])
+    if cfg.judge is not None:
+        rows.append(["judge", cfg.judge.path or "", f"endpoint {cfg.judge.endpoint.base_url}" if cfg.judge.endpoint
+                     else "serve app"])
+    md += [_table(["model", "weights", "answers via"], rows), ""]
+
+    mc = results.get("mc")
+    if mc:
+        models = sorted({r["model"] for r in mc["table"]})
+        by = {(r["benchmark"], r["subject"], r["model"]): r for r in mc["table"]}
+        groups = sorted({(r["benchmark"], r["subject"]) for r in mc["table"]},
+                        key=lambda g: (g[0], g[1] == "overall", g[1]))
+        trows = []
+        for b, s in groups:
+            n = next(by[(b, s, m)]["n"] for m in models if (b, s, m) in by)
+            cells = []
+            for m in models:
+                r = by.get((b, s, m))
+                cells.append("" if r is None else _ci({"value": r["accuracy"], "lo": r["lo"], "hi": r["hi"],
+                                                      "n": r["n"]}) + (f" ({r['unparsed']} unparsed)"
+                                                                       if r["unparsed"] else ""))
+            trows.append([b, f"**{s}**" if s == "overall" else s, n, *cells])
+        sc, pr = mc["scoring"], mc["prompt"]
+        how = ("log-likelihood of the answer letters" if sc["mode"] == "loglik" else "generate and parse")
+        md += ["## Multiple choice", "",
+               f"Accuracy in % with 95% bootstrap CIs. Scoring: {how} ({sc['backend']}); "
+               f"{pr['shots']}-shot German prompts.", "",
+               _table(["benchmark", "subject", "n", *models], trows), ""]
+        if "mc" in plots:
+            md += [f"![accuracy per subject]({plots['mc']})", ""]
+
+    pw = results.get("pairwise")
+    if pw:
+        rows = []
+        for c in pw["comparisons"]:
+            rows.append([f"{c['candidate']} vs {c['opponent']}", c["n"], c["win"], c["tie"], c["loss"],
+                         c["unparsed"], _ci(c["win_rate"]), _ci(c["lc_win_rate"]), _ci(c["position_consistency"]),
+                         f"{c['mean_len_candidate']:.0f} / {c['mean_len_opponent']:.0f}"])
+        md += ["## Pairwise win-rate", "",
+               f"Judge: `{pw['judge']}`, German rubric (correctness, completeness, safety, language). Every pair "
+               "is judged in both orders; disagreeing verdicts count as a tie. Win-rate = (wins + ½ ties) / n "
+               "over parsed pairs, in %, with 95% bootstrap CIs. Length-controlled (LC): logistic model of the "
+               "outcome on tanh(length difference / sd), read at zero difference (AlpacaEval-LC style). "
+               f"Unparsed judge outputs: {pw['unparsed_judgments']} of {pw['judgments']} judgments; a pair with "
+               "an unparsed verdict is counted as `unparsed` and left out of n.", "",
+               _table(["comparison", "n", "wins", "ties", "losses", "unparsed", "win-rate %", "LC win-rate %",
+                       "position consistency %", "mean words (cand / opp)"], rows), ""]
+        if "win_rate" in plots:
+            md += [f"![win-rates]({plots['win_rate']})", ""]
+
+    fm = results.get("failure_modes")
+    if fm:
+        rows = []
+        for r in fm:
+            tok = "n/a" if r["tokens_mean"] is None else f"{r['tokens_mean']:.0f}"
+            flag = lambda k: "n/a" if r[k] is None else r[k]  # noqa: E731
+            rows.append([r["model"], r["answers"], f"{r['language_mixing']}/{r['answers']}",
+                         f"{r['words_mean']:.0f} / {r['words_median']:.0f}", tok, r["typos"],
+                         r["answers_with_typos"], flag("hallucination"), flag("overconfidence"),
+                         flag("contradiction")])
+        md += ["## Failure modes", "",
+               "Per model, on the same prompts. Language mixing: answers with at least one non-German sentence "
+               "(sentence-level offline language ID, lingua). Typos: German hunspell (de_DE, compound-aware) "
+               "outside foreign sentences, with a medical-term allowlist. Hallucination / overconfidence / "
+               "contradiction: answers the judge labelled so in more than half of its judgments of them.", "",
+               _table(["model", "answers", "language mixing", "words mean / median", "tokens mean", "typos",
+                       "answers with typos", "hallucination", "overconfidence", "contradiction"], rows), ""]
+        if "verbosity" in plots:
+            md += [f"![verbosity]({plots['verbosity']})", ""]
+        ex = [(r["model"], k, v) for r in fm for k, vs in r["examples"].items() for v in vs[:3]]
+        if ex:
+            md += ["<details><summary>Examples</summary>", "", _table(["model", "kind", "example"], ex), "",
+                   "</details>", ""]
+
+    md += ["## Lineage", "", "Resolved config, package versions, git revision and input hashes: "
+           "[`lineage.json`](lineage.json). Raw results: [`results.json`](results.json); answers: "
+           "`answers.json`; cached requests: `cache/`; MC predictions: `mc/`.", ""]
+    return "\n".join(md)
+
+
+def render_html(markdown_text: str, title: str) -> str:
+    try:
+        from markdown_it import MarkdownIt
+
+        body = MarkdownIt("commonmark", {"html": True}).enable("table").render(markdown_text)
+    except ImportError:  # markdown-it comes with rich/typer; if absent, the text stays readable
+        body = f"<pre>{html.escape(markdown_text)}</pre>"
+    style = ("body{font-family:sans-serif;max-width:1100px;margin:2em auto;padding:0 1em}"
+             "table{border-collapse:collapse;font-size:13px}td,th{border:1px solid #ccc;padding:3px 6px}"
+             "blockquote{background:#fff3cd;border-left:4px solid #e0a800;margin:0;padding:.5em 1em}"
+             "img{max-width:100%}")
+    return (f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
+            f"<style>{style}</style></head><body>{body}</body></html>")
+
+
+def write_report(cfg, results: dict, out: Path) -> dict[str, str]:
+    plots: dict[str, str] = {}
+    if cfg.report.plots:
+        pdir = out / "plots"
+        pdir.mkdir(parents=True, exist_ok=True)
+        if results.get("mc"):
+            plots["mc"] = plot_mc(results["mc"]["table"], pdir / "mc_accuracy.png").relative_to(out).as_posix()
+        if results.get("pairwise") and results["pairwise"]["comparisons"]:
+            plots["win_rate"] = plot_win_rates(results["pairwise"]["comparisons"],
+                                               pdir / "win_rates.png").relative_to(out).as_posix()
+        if results.get("failure_modes"):
+            plots["verbosity"] = plot_verbosity(results["failure_modes"],
+                                                pdir / "verbosity.png").relative_to(out).as_posix()
+    md = render_markdown(cfg, results, plots)
+    paths = {"report_md": str(atomic_write_text(out / "report.md", md))}
+    if cfg.report.html:
+        paths["report_html"] = str(atomic_write_text(out / "report.html", render_html(md, cfg.report.title)))
+    for k, v in plots.items():
+        paths[f"plot_{k}"] = str(out / v)
+    return paths

@@ -1,0 +1,253 @@
+"""`eval` stage: MC benchmarks, pairwise judging, failure modes, one report.
+
+Order keeps peak memory low: MC scoring runs one local engine at a time (a Ray task per model), then the serve
+app hosts the candidates and the judge for generation and judging, and is shut down before the analysis.
+Every step resumes: MC results per model, answers and judgments are cached under output_dir.
+"""
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+from definemed.config import ConfigError
+from definemed.data.loaders import load_mc_items, load_prompts
+from definemed.data.schemas import MCItem, PromptItem
+from definemed.eval.cache import stable_key
+from definemed.eval.client import Endpoint, endpoint_from_config
+from definemed.eval.config import EvalConfig, ModelRef
+from definemed.io import atomic_write_json, atomic_write_text
+from definemed.lineage import write_manifest
+
+log = logging.getLogger(__name__)
+
+
+# ---------------------------------------------------------------- MC
+def _score_model(name: str, path: str, engine: dict, items: list[dict], prompts: list[str], scoring: dict,
+                 chat_template: bool) -> list[dict]:
+    """Runs where Ray puts it (a GPU node on a cluster): build the engine, score, free the engine."""
+    import gc
+
+    from definemed.engine import EngineConfig, make_llm
+    from definemed.eval.mc import MCScoringConfig, TransformersScorer, VllmScorer, predict
+
+    sc = MCScoringConfig(**scoring)
+    its = [MCItem(**it) for it in items]
+    llm = scorer = None
+    try:
+        if sc.backend == "vllm" or sc.mode == "generate":
+            llm = make_llm(path, EngineConfig(**engine))
+            scorer = VllmScorer(llm, chat_template=chat_template, batch_size=sc.batch_size)
+        else:
+            scorer = TransformersScorer.from_path(path, chat_template, EngineConfig(**engine).max_model_len)
+        preds = predict(name, its, prompts, sc, scorer=scorer, llm=llm, chat_template=chat_template)
+        truncated = getattr(scorer, "truncated", 0)
+        if truncated:
+            log.warning("[%s] %d MC prompt(s) cut to the context length (kept the end)", name, truncated)
+        return [{**asdict(p), "truncated_prompts": truncated} for p in preds]
+    finally:
+        del llm, scorer
+        gc.collect()
+
+
+def run_mc(cfg: EvalConfig, out: Path) -> list[dict]:
+    import ray
+    from tqdm import tqdm
+
+    from definemed.engine import is_cpu_build, placement_bundles
+    from definemed.eval.mc import build_prompts
+    from definemed.models import resolve_model
+
+    assert cfg.mc is not None
+    items: list[MCItem] = []
+    for src in cfg.mc.sources:
+        items += load_mc_items(src)
+    generate = cfg.mc.scoring.mode == "generate"
+    prompts = build_prompts(items, cfg.mc.prompt, generate=generate)
+    out.mkdir(parents=True, exist_ok=True)
+    all_preds: list[dict] = []
+    for name in tqdm(cfg.mc_models(), desc="mc models", unit="model"):
+        ref = cfg.models[name]
+        path = resolve_model(ref.path)
+        fp = stable_key("mc", path, ref.engine.model_dump(), cfg.mc.model_dump(mode="json"),
+                        [it.model_dump() for it in items])
+        f = out / f"{name}.json"
+        if f.exists():
+            saved = json.loads(f.read_text(encoding="utf-8"))
+            if saved.get("fingerprint") == fp:
+                log.info("[mc] %s: reusing %s", name, f)
+                all_preds += saved["predictions"]
+                continue
+        bundles = placement_bundles(ref.engine)
+        opts: dict[str, Any] = {"num_cpus": 1} if is_cpu_build() else {
+            "num_gpus": sum(b.get("GPU", 0) for b in bundles), "num_cpus": 1}
+        task = ray.remote(max_retries=0, **opts)(_score_model)
+        preds = ray.get(task.remote(name, path, ref.engine.model_dump(), [it.model_dump() for it in items],
+                                    prompts, cfg.mc.scoring.model_dump(), cfg.mc.prompt.chat_template))
+        if len(preds) != len(items):
+            raise RuntimeError(f"[mc] {name}: {len(preds)} predictions for {len(items)} items")
+        atomic_write_json(f, {"fingerprint": fp, "model": name, "path": path, "predictions": preds})
+        all_preds += preds
+    return all_preds
+
+
+# ---------------------------------------------------------------- hosting
+class Hosting:
+    """Starts our serve app for the models that have no endpoint, on first use only."""
+
+    def __init__(self, cfg: EvalConfig):
+        self.cfg = cfg
+        self._ep = None
+        self.ids: dict[str, str] = {}  # eval name -> served id
+        self.specs: list[dict] = []
+        by_path: dict[tuple, str] = {}
+        refs = list(cfg.models.items()) + ([("judge", cfg.judge)] if cfg.judge is not None else [])
+        for name, ref in refs:
+            if ref.endpoint is not None:
+                continue
+            key = (ref.path, json.dumps(ref.engine.model_dump(), sort_keys=True))
+            if key in by_path:  # e.g. a tiny judge that is also a candidate: one deployment
+                self.ids[name] = by_path[key]
+                continue
+            by_path[key] = name
+            self.ids[name] = name
+            self.specs.append({"id": name, "model": ref.path, "engine": ref.engine.model_dump()})
+
+    def _launch(self) -> tuple[str, str]:
+        if self._ep is None:
+            from serve import ServeConfig, launch
+
+            from definemed.models import resolve_model
+
+            h = self.cfg.hosting
+            models = [{**s, "model": resolve_model(s["model"])} for s in self.specs]
+            scfg = ServeConfig.model_validate({"app_name": "definemed-eval", "host": h.host, "port": h.port,
+                                               "ready_timeout_s": h.ready_timeout_s, "models": models, **h.serve})
+            log.info("[eval] hosting %s with the serve app", ", ".join(s["id"] for s in self.specs))
+            self._ep = launch(scfg)
+        return self._ep.base_url, self._ep.api_key
+
+    def endpoint(self, name: str, ref: ModelRef) -> Endpoint:
+        if ref.endpoint is not None:
+            return endpoint_from_config(ref.endpoint)
+        return Endpoint(base_url=None, model=self.ids[name], resolve=self._launch)
+
+    def shutdown(self) -> None:
+        if self._ep is not None:
+            self._ep.shutdown()
+            self._ep = None
+
+
+# ---------------------------------------------------------------- pairwise
+def run_pairwise(cfg: EvalConfig, out: Path, hosting: Hosting) -> dict[str, Any]:
+    from definemed.eval.failure_modes import word_count
+    from definemed.eval.generate import generate_answers
+    from definemed.eval.judge import answer_flags, judge_pairs, pair_tasks
+    from definemed.eval.win_rate import PairResult, combine_orders, summarize
+
+    pw = cfg.pairwise
+    assert pw is not None and cfg.judge is not None
+    prompts: list[PromptItem] = load_prompts(pw.prompts, pw.categories)
+    if pw.limit:
+        prompts = prompts[:pw.limit]
+    if not prompts:
+        raise ConfigError(f"invalid config field 'pairwise.prompts': no prompts in {pw.prompts}")
+    in_pairs = {m for pair in pw.pairs for m in pair}
+    gen_models = list(cfg.models) if cfg.failure_modes is not None else [m for m in cfg.models if m in in_pairs]
+    answers: dict[str, dict[str, str]] = {}
+    for name in gen_models:
+        recs = generate_answers(name, hosting.endpoint(name, cfg.models[name]), prompts,
+                                out / "cache" / "answers.jsonl", pw.generation)
+        answers[name] = {pid: r["answer"] for pid, r in recs.items()}
+    tasks = pair_tasks(prompts, answers, pw.pairs)
+    judgments = judge_pairs(hosting.endpoint("judge", cfg.judge), tasks, out / "cache" / "judgments.jsonl",
+                            pw.judge)
+    by = {(j["prompt_id"], j["model_a"], j["model_b"]): j for j in judgments}
+    comparisons = []
+    for cand, opp in pw.pairs:
+        results = []
+        for p in prompts:
+            first, second = by[(p.id, cand, opp)], by[(p.id, opp, cand)]
+            outcome, consistent = combine_orders(first["verdict"], second["verdict"])
+            results.append(PairResult(p.id, cand, opp, outcome, consistent, word_count(answers[cand][p.id]),
+                                      word_count(answers[opp][p.id])))
+        comparisons.append({"candidate": cand, "opponent": opp,
+                            **summarize(results, n_boot=cfg.report.n_boot, seed=cfg.report.seed),
+                            "pairs": [asdict(r) for r in results]})
+    return {"prompts": [p.model_dump() for p in prompts], "answers": answers, "comparisons": comparisons,
+            "flags": answer_flags(judgments), "judge": hosting.ids.get("judge") or cfg.judge.endpoint.model,
+            "unparsed_judgments": sum(j["verdict"] == "unparsed" for j in judgments),
+            "judgments": len(judgments)}
+
+
+# ---------------------------------------------------------------- failure modes
+def _tokenizer(ref: ModelRef):
+    from definemed.models import resolve_model
+
+    src = ref.tokenizer or ref.path
+    if not src:
+        return None
+    try:
+        from transformers import AutoTokenizer
+
+        return AutoTokenizer.from_pretrained(resolve_model(src))
+    except Exception as e:  # noqa: BLE001 - token counts are optional; words are always reported
+        log.warning("no tokenizer for token counts from %s (%s)", src, type(e).__name__)
+        return None
+
+
+def run_failure_modes(cfg: EvalConfig, pair: dict[str, Any]) -> list[dict]:
+    from definemed.eval.failure_modes import LanguageMixDetector, TypoCounter, analyze_model, load_allowlist
+    from definemed.eval.judge import flag_counts
+
+    fm = cfg.failure_modes
+    assert fm is not None
+    allow = load_allowlist(fm.allowlist_paths)
+    lang = LanguageMixDetector(languages=tuple(fm.languages), min_words=fm.min_words,
+                               min_confidence=fm.min_confidence, allowlist=allow)
+    typo = TypoCounter(allowlist=allow, dictionary=fm.dictionary)
+    judged = {m for c in pair["comparisons"] for m in (c["candidate"], c["opponent"])}
+    rows = []
+    for name, answers in pair["answers"].items():
+        texts = [answers[p["id"]] for p in pair["prompts"]]
+        flags = flag_counts(pair["flags"], name) if name in judged else None
+        res = analyze_model(name, texts, lang, typo, tokenizer=_tokenizer(cfg.models[name]), flags=flags)
+        rows.append({**res.row(), "words": res.words, "tokens": res.tokens, "examples": res.examples})
+    return rows
+
+
+# ---------------------------------------------------------------- stage entry
+def run(cfg: EvalConfig) -> dict[str, str]:
+    from definemed.eval.report import is_meaningless, write_report
+
+    out = Path(cfg.output_dir)
+    results: dict[str, Any] = {"models": {n: r.model_dump(mode="json") for n, r in cfg.models.items()}}
+    for ref in results["models"].values():
+        if ref.get("endpoint"):
+            ref["endpoint"].pop("api_key_file", None)
+    if cfg.mc is not None:
+        from definemed.eval.mc import MCPrediction, accuracy_table
+
+        preds = run_mc(cfg, out / "mc")
+        objs = [MCPrediction(**{k: v for k, v in p.items() if k != "truncated_prompts"}) for p in preds]
+        results["mc"] = {"table": accuracy_table(objs, n_boot=cfg.report.n_boot, seed=cfg.report.seed),
+                         "prompt": cfg.mc.prompt.model_dump(), "scoring": cfg.mc.scoring.model_dump(),
+                         "predictions_dir": str(out / "mc")}
+    if cfg.pairwise is not None:
+        hosting = Hosting(cfg)
+        try:
+            pair = run_pairwise(cfg, out, hosting)
+        finally:
+            hosting.shutdown()
+        results["pairwise"] = {k: v for k, v in pair.items() if k not in ("answers", "flags", "prompts")}
+        atomic_write_json(out / "answers.json", {"prompts": pair["prompts"], "answers": pair["answers"]})
+        if cfg.failure_modes is not None:
+            results["failure_modes"] = run_failure_modes(cfg, pair)
+    results["meaningless"] = is_meaningless(cfg)
+    atomic_write_json(out / "results.json", results)
+    # the lineage manifest sits beside the report (run_stage rewrites it at the end with the outputs)
+    write_manifest(out, "eval", cfg, inputs=cfg.lineage_inputs())
+    paths = write_report(cfg, results, out)
+    return {"results": str(out / "results.json"), **paths}
