@@ -70,6 +70,9 @@ STAGES: dict[str, Stage] = {
         Stage("serve-demo", "serve.demo:ServeDemoConfig", "serve.demo:run",
               "Serve the merged model behind the secured OpenAI endpoint, ask one German clinical question, stop."),
         # -- eval (issue 8): eval
+        Stage("eval", "definemed.eval.config:EvalConfig", "definemed.eval.stage:run",
+              "MMLU-de/MedQA-de letter scoring, pairwise LLM-judge win-rate (both orders, LC), failure modes "
+              "(language mixing, verbosity, typos, judge flags); one Markdown/HTML report with plots."),
     ]
 }
 
