@@ -96,8 +96,15 @@ def make_fastapi_app(cfg: ServeConfig, settings: SecuritySettings) -> FastAPI:
     return app
 
 
-def model_env(spec: ModelSpec) -> dict[str, str]:
-    env = {"HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1"), "TOKENIZERS_PARALLELISM": "false"}
+def serve_log_env(cfg: ServeConfig) -> dict[str, str]:
+    # Serve mirrors every replica log line (one access line per request per hop) to stderr, which Ray then
+    # streams to the driver; the log files under the Ray session dir keep everything either way.
+    return {"RAY_SERVE_LOG_TO_STDERR": "1" if cfg.log_to_stderr else "0"}
+
+
+def model_env(spec: ModelSpec, cfg: ServeConfig) -> dict[str, str]:
+    env = {"HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1"), "TOKENIZERS_PARALLELISM": "false",
+           **serve_log_env(cfg)}
     if is_cpu_build():
         env["VLLM_CPU_KVCACHE_SPACE"] = str(spec.engine.kv_cache_space_gib)
     return env
@@ -116,7 +123,7 @@ def llm_config(spec: ModelSpec, cfg: ServeConfig) -> LLMConfig:
         placement_group_config={"bundles": placement_bundles(spec.engine), "strategy": "PACK"},
         deployment_config={"autoscaling_config": spec.autoscaling.to_serve(),
                            "max_ongoing_requests": spec.max_ongoing_requests},
-        runtime_env={"env_vars": model_env(spec)},
+        runtime_env={"env_vars": model_env(spec, cfg)},
         log_engine_metrics=False,
     )
 
@@ -136,7 +143,8 @@ def build_app(cfg: ServeConfig, key_digests: Optional[list[str]] = None):
     ing = cfg.ingress
     return serve.deployment(
         ingress_cls, name="OpenAiIngress", max_ongoing_requests=ing.max_ongoing_requests,
-        autoscaling_config=ing.autoscaling.to_serve(), ray_actor_options={"num_cpus": ing.num_cpus},
+        autoscaling_config=ing.autoscaling.to_serve(),
+        ray_actor_options={"num_cpus": ing.num_cpus, "runtime_env": {"env_vars": serve_log_env(cfg)}},
     ).bind(llm_deployments=deployments, model_cards=cards)
 
 

@@ -98,6 +98,7 @@ class ServeConfig(StrictModel):
     cors_origins: list[str] = Field(default_factory=list, description="explicit origins only; empty = no CORS")
     access_log: bool = Field(True, description="Serve access log lines: method, route, status, latency; no bodies")
     log_requests: bool = Field(False, description="vLLM request logging; it includes prompt text, so off")
+    log_to_stderr: bool = Field(False, description="mirror Serve replica logs to the terminal (files always)")
     tls_certfile: Optional[str] = None
     tls_keyfile: Optional[str] = None
     request_timeout_s: Optional[float] = Field(300, gt=0)

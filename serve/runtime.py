@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import secrets
 import signal
 import socket
@@ -150,9 +151,7 @@ def launch(cfg: ServeConfig, api_key: Optional[str] = None, *, ephemeral_key: bo
     from serve.app import build_app
     from serve.security import key_digest, load_api_keys
 
-    owns_ray = not ray.is_initialized()
-    init_ray(cfg.ray, address=ray_address)
-    keys = load_api_keys(cfg.api_key_env, cfg.api_key_file)
+    keys = load_api_keys(cfg.api_key_env, cfg.api_key_file)  # before Ray starts: fail fast
     if api_key:
         keys.append(api_key)
     if not keys:
@@ -163,6 +162,10 @@ def launch(cfg: ServeConfig, api_key: Optional[str] = None, *, ephemeral_key: bo
                                 + (f" or {cfg.api_key_file}" if cfg.api_key_file else "")
                                 + "; the endpoint never starts without one")
         keys = [secrets.token_urlsafe(32)]
+    owns_ray = not ray.is_initialized()
+    if owns_ray:  # Serve's proxy inherits the local Ray's environment; replicas get it via runtime_env
+        os.environ.setdefault("RAY_SERVE_LOG_TO_STDERR", "1" if cfg.log_to_stderr else "0")
+    init_ray(cfg.ray, address=ray_address)
     try:
         running = _running_http_options()
         if running is not None:

@@ -176,6 +176,32 @@ def test_bounded_load_has_no_5xx(endpoint):
     assert codes.count(200) == n
 
 
+def test_serve_config_file_builder_refuses_without_key_and_builds_the_graph(tmp_path, monkeypatch, tiny_qwen2):
+    """`serve run serve/config.yaml` path: app_builder(args) -> Application (built here, not deployed)."""
+    from serve.app import app_builder
+    from serve.security import NoApiKeyError
+
+    cfg = tmp_path / "serve.yaml"
+    cfg.write_text(f"api_key_env: DM_TEST_BUILDER_KEY\nmodels:\n  - {{id: merged, model: {tiny_qwen2}}}\n"
+                   f"  - {{id: base, model: {tiny_qwen2}}}\n", encoding="utf-8")
+    monkeypatch.delenv("DM_TEST_BUILDER_KEY", raising=False)
+    with pytest.raises(NoApiKeyError):
+        app_builder({"config": str(cfg)})
+    with pytest.raises(ValueError, match="cors_origins"):
+        app_builder({"config": str(cfg), "overrides": {"cors_origins": ["*"]}})
+    monkeypatch.setenv("DM_TEST_BUILDER_KEY", KEY)
+    app = app_builder({"config": str(cfg)})
+    kwargs = app._bound_deployment.init_kwargs
+    assert sorted(kwargs["llm_deployments"]) == ["base", "merged"]
+    # What Serve stores and ships to replicas holds the key's digest, never the key.
+    from ray import cloudpickle
+
+    from serve.security import key_digest
+
+    shipped = cloudpickle.dumps(app._bound_deployment.func_or_class)
+    assert KEY.encode() not in shipped and key_digest(KEY).encode() in shipped
+
+
 def test_prompt_text_never_reaches_the_logs(endpoint, client):
     """Runs last: every request above carried MARKER (success, streaming, completions, every error path)."""
     import ray

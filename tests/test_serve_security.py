@@ -261,3 +261,18 @@ def test_shipped_configs_validate(tmp_path):
     serve_yaml = load_yaml("serve/config.yaml")
     assert serve_yaml["applications"][0]["import_path"] == "serve.app:app_builder"
     assert serve_yaml["http_options"]["host"] == "127.0.0.1"
+
+
+def test_cli_serve_refuses_without_key_or_with_bad_config(tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    from definemed.cli import app
+
+    monkeypatch.delenv("DM_TEST_CLI_KEY", raising=False)
+    cfg = tmp_path / "serve.yaml"
+    cfg.write_text("api_key_env: DM_TEST_CLI_KEY\nmodels: [{id: m, model: tiny://qwen2}]\n", encoding="utf-8")
+    res = CliRunner().invoke(app, ["serve", "--config", str(cfg)])
+    assert res.exit_code == 2 and "api_key_env" in res.output and "no API key" in res.output
+    cfg.write_text("host: 0.0.0.0\ncors_origins: ['*']\nmodels: [{id: m, model: tiny://qwen2}]\n", encoding="utf-8")
+    res = CliRunner().invoke(app, ["serve", "--config", str(cfg)])
+    assert res.exit_code == 2 and "'cors_origins'" in res.output
