@@ -186,7 +186,7 @@ def annotate_shards(sample_dir: Path, ann_dir: Path, labeler: Callable, model: s
     _, sha = load_prompt(prompt_version)
     files = [str(sample_dir / shard_name(i)) for i in todo]
     inputs = {i: pq.read_table(f, columns=["id", "shard"]).to_pandas() for i, f in zip(todo, files)}
-    ds = ray.data.read_parquet(files, columns=["id", "shard", "text"])
+    ds = ray.data.read_parquet(files).select_columns(["id", "shard", "text"])
     out = labeler(ds)
     buffers: dict[int, list[pd.DataFrame]] = {i: [] for i in todo}
     have = {i: 0 for i in todo}

@@ -22,9 +22,19 @@ REASONS = ("null_text", "non_string", "empty", "whitespace", "oversized", "null_
 QUARANTINE_COLUMNS = ("id", "reason", "text", "text_type", "row_json")
 
 
+def _is_missing(value: Any) -> bool:
+    """None, NaN, pd.NA or NaT: how a Parquet null reaches a pandas batch depends on the column dtype."""
+    import pandas as pd
+
+    try:
+        return bool(pd.isna(value))
+    except (TypeError, ValueError):  # arrays and other non-scalars
+        return False
+
+
 def as_text(value: Any) -> tuple[str | None, str | None]:
     """(text, reason). Binary columns holding UTF-8 are text; anything else that is not a str is malformed."""
-    if value is None or (isinstance(value, float) and math.isnan(value)):
+    if value is None or (not isinstance(value, (str, bytes, bytearray)) and _is_missing(value)):
         return None, "null_text"
     if isinstance(value, (bytes, bytearray)):
         try:
@@ -47,7 +57,7 @@ def malformed_reason(text: Any, doc_id: Any, max_chars: int) -> str | None:
         return "whitespace"
     if len(text) > max_chars:
         return "oversized"
-    if doc_id is None or (isinstance(doc_id, float) and math.isnan(doc_id)) or str(doc_id) == "":
+    if doc_id is None or _is_missing(doc_id) or str(doc_id) == "":
         return "null_id"
     return None
 
@@ -71,7 +81,7 @@ def split_batch(df: "pd.DataFrame", max_chars: int) -> tuple["pd.DataFrame", "pd
     bad_mask = pd.Series([r is not None for r in reasons], index=df.index)
     bad = df[bad_mask]
     q = pd.DataFrame({
-        "id": [None if i is None or (isinstance(i, float) and math.isnan(i)) else str(i) for i in ids[bad_mask]],
+        "id": [None if i is None or _is_missing(i) else str(i) for i in ids[bad_mask]],
         "reason": [r for r in reasons if r is not None],
         "text": [as_text(t)[0] if as_text(t)[0] is not None else (None if t is None else repr(t))
                  for t in bad["text"]],

@@ -1,0 +1,199 @@
+"""Unit tests of the corpus steps (no Ray, no engine): each step is testable alone."""
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from definemed.config import ConfigError, parse_config
+
+
+# ------------------------------------------------------------------------------------------------ ingest
+
+
+def test_quarantine_reasons_cover_every_malformed_kind():
+    from definemed.corpus.ingest import split_batch
+
+    df = pd.DataFrame({"id": ["a", "b", "c", "d", "e", "f", "g", None],
+                       "text": [b"", " \n\t\u00a0\u3000", None, b"\x89PNG\r\n\xff\xfe", "x" * 51, "gut", 17, "ok"]})
+    good, bad = split_batch(df, max_chars=50)
+    assert good["id"].tolist() == ["f"] and good["text"].tolist() == ["gut"]
+    assert dict(zip(bad["id"].fillna("<none>"), bad["reason"])) == {
+        "a": "empty", "b": "whitespace", "c": "null_text", "d": "non_string", "e": "oversized", "g": "non_string",
+        "<none>": "null_id"}
+    assert len(good) + len(bad) == len(df)  # nothing dropped silently
+    assert bad.loc[bad["id"] == "e", "text"].item() == "x" * 51  # the original is kept, not truncated
+
+
+def test_bundled_malformed_file_is_quarantined_except_the_control_row(tmp_path):
+    import pyarrow.parquet as pq
+
+    from definemed.corpus.ingest import quarantine_batch, quarantine_counts
+    from definemed.data.sample import SAMPLE_MALFORMED
+
+    df = pq.read_table(SAMPLE_MALFORMED).to_pandas()
+    good = quarantine_batch(df, str(tmp_path), max_chars=200_000)
+    assert good["malformed_kind"].tolist() == ["ok"] and isinstance(good["text"].iloc[0], str)
+    counts = quarantine_counts(str(tmp_path))
+    assert counts["total"] == len(df) - 1
+    q = pd.concat([pd.read_parquet(p) for p in tmp_path.glob("part-*.parquet")])
+    expected = {"empty": "empty", "whitespace": "whitespace", "null": "null_text", "wrong_type": "non_string",
+                "oversized": "oversized"}
+    kinds = dict(zip(df["id"], df["malformed_kind"]))
+    assert {kinds[i]: r for i, r in zip(q["id"], q["reason"])} == expected
+    quarantine_batch(df, str(tmp_path), max_chars=200_000)  # a retried task rewrites the same file
+    assert quarantine_counts(str(tmp_path))["total"] == len(df) - 1
+
+
+# ------------------------------------------------------------------------------------------------ annotate
+
+
+def test_prompt_is_german_versioned_and_answers_parse_strictly():
+    from definemed.corpus.annotate import CHOICES, UNPARSED, load_prompt, parse_answer, render_prompt
+
+    template, sha = load_prompt("v1")
+    assert "{text}" in template and "medizinisch" in template and "Rubrik" in template.replace("rubrik", "Rubrik")
+    assert len(sha) == 12
+    assert render_prompt(template, "Q" * 500, 100).count("Q") == 100
+    assert set(CHOICES.values()) == {"medical", "non_medical"}
+    assert parse_answer("medizinisch") == "medical"
+    assert parse_answer(" Nicht medizinisch.\n") == "non_medical"
+    for raw in ("medizin", "vielleicht medizinisch", "", None, "nicht"):
+        assert parse_answer(raw) == UNPARSED  # never guessed
+
+
+def test_unknown_prompt_version_is_a_config_error(tmp_path):
+    from definemed.corpus.config import AnnotateConfig
+
+    with pytest.raises(ConfigError, match="prompt_version"):
+        parse_config(AnnotateConfig, {"output_dir": str(tmp_path), "source": {"path": str(tmp_path)},
+                                      "prompt_version": "v99"})
+    with pytest.raises(ConfigError, match="http"):
+        parse_config(AnnotateConfig, {"output_dir": str(tmp_path), "source": {"path": str(tmp_path)},
+                                      "backend": "http"})
+
+
+def test_finalize_shard_keeps_input_order_and_counts_errors_as_unparsed():
+    from definemed.corpus.annotate import finalize_shard
+
+    inputs = pd.DataFrame({"id": ["x", "y", "z"], "shard": [4, 4, 4]})
+    answers = pd.DataFrame({"id": ["z", "x", "y"], "shard": [4, 4, 4],
+                            "raw_answer": ["nicht medizinisch", "medizinisch", None],
+                            "error": [None, None, "prompt too long"]})
+    out = finalize_shard(inputs, answers, "m", "v1", "abc")
+    assert out["id"].tolist() == ["x", "y", "z"]
+    assert out["label"].tolist() == ["medical", "unparsed", "non_medical"]
+    with pytest.raises(RuntimeError):
+        finalize_shard(inputs, answers.iloc[:2], "m", "v1", "abc")
+
+
+def test_sample_key_is_deterministic_and_seeded():
+    from definemed.corpus.sample import sample_key
+
+    assert sample_key(0, "a") == sample_key(0, "a")
+    assert sample_key(0, "a") != sample_key(1, "a")
+    keys = [sample_key(0, str(i)) for i in range(2000)]
+    assert 0 <= min(keys) and max(keys) < 1 and 0.45 < np.mean(keys) < 0.55
+
+
+# ------------------------------------------------------------------------------------------------ metrics
+
+
+def test_quality_report_matches_hand_computed_counts(tmp_path):
+    from definemed.corpus.quality import quality_report, to_markdown, write_report
+
+    labels = pd.DataFrame({"id": list("abcdef"),
+                           "label": ["medical", "medical", "non_medical", "unparsed", "medical", "non_medical"]})
+    gold = pd.DataFrame({"id": list("abcdef"),
+                         "gold_label": ["medical", "non_medical", "medical", "medical", "medical", None]})
+    rep = quality_report(labels, gold, "gold_label", n_boot=200)
+    m = rep["metrics"]
+    assert rep["n_compared"] == 5 and rep["n_without_gold"] == 1 and rep["unparsed"] == 1
+    assert m["precision"]["value"] == pytest.approx(2 / 3) and m["recall"]["value"] == pytest.approx(2 / 4)
+    assert m["f1"]["value"] == pytest.approx(2 * (2 / 3) * 0.5 / (2 / 3 + 0.5))
+    assert m["f1"]["ci_low"] <= m["f1"]["value"] <= m["f1"]["ci_high"] and m["f1"]["std"] > 0
+    assert rep["confusion_matrix"]["counts"]["medical"] == {"medical": 2, "non_medical": 1, "unparsed": 1}
+    j, md = write_report(rep, tmp_path)
+    assert "91.1" in md.read_text() and "| f1 |" in to_markdown(rep)
+
+
+def test_fbeta_weighs_precision_and_sweep_is_monotone_in_kept_fraction():
+    from definemed.corpus.metrics import fbeta, pr_curve, threshold_sweep
+
+    assert fbeta(8, 0, 4, 0.7) > fbeta(8, 4, 0, 0.7)  # same F1, precision preferred with beta < 1
+    assert fbeta(0, 0, 5, 0.7) == 0.0
+    rng = np.random.default_rng(0)
+    y = rng.random(200) < 0.4
+    s = np.clip(y * 0.5 + rng.random(200) * 0.6, 0, 1)
+    rows = threshold_sweep(s, y, [0.1, 0.5, 0.9], beta=0.7)
+    assert [r["kept_fraction"] for r in rows] == sorted([r["kept_fraction"] for r in rows], reverse=True)
+    p, r, t = pr_curve(s, y)
+    assert np.all(np.diff(r) >= 0) and r[-1] == 1.0 and len(p) == len(t)
+
+
+# ------------------------------------------------------------------------------------------------ filter steps
+
+
+def test_pii_redaction_counts_and_spares_look_alikes():
+    from definemed.corpus.pii import redact
+
+    text = ("Kontakt: dr.mueller@klinik-beispiel.de, Tel. +49 30 1234567 oder (030) 123 456 78, mobil "
+            "0171-1234567, Fax 089/12 34 56. Server 192.168.0.1 und 2001:db8::1.")
+    red, c = redact(text)
+    assert c == {"email": 1, "phone": 4, "ip": 2}
+    assert "@" not in red and "1234567" not in red and "192.168" not in red
+    benign = "Am 01.02.2023 um 12:30 Uhr, PLZ 01067 Dresden, 2,5 mg/kg, ICD I10.9, Klade 2.3.4.4b, Seite 12-15."
+    assert redact(benign) == (benign, {"email": 0, "ip": 0, "phone": 0})
+
+
+def test_decontam_matches_13_gram_overlap_only():
+    from definemed.corpus.decontam import build_index, words
+
+    item = ("Ein 54-jähriger Patient stellt sich mit akuten retrosternalen Schmerzen vor, die in den linken Arm "
+            "ausstrahlen. Welche Diagnose ist am wahrscheinlichsten?")
+    idx = build_index([("mmlu/1", item), ("short", "Was ist Fieber?")], n=13)
+    assert idx.too_short == 1 and idx.items == 2
+    w = words(item)
+    doc = "Blog. " + " ".join(w[2:15]).upper() + " Mehr dazu morgen."  # 13 words, case-insensitive
+    assert idx.match(doc) == "mmlu/1"
+    assert idx.match("Ein Patient mit Schmerzen im Arm. " + " ".join(w[2:14])) is None  # 12 < 13 words
+
+
+def test_content_hash_ignores_whitespace_layout_only():
+    from definemed.corpus.dedup import content_hash
+
+    assert content_hash("Herz  und\nKreislauf ") == content_hash("Herz und Kreislauf")
+    assert content_hash("Herz und Kreislauf") != content_hash("herz und Kreislauf")
+
+
+def test_filter_config_rejects_inverted_actor_pool(tmp_path):
+    from definemed.corpus.config import FilterConfig
+
+    with pytest.raises(ConfigError, match="max_actors"):
+        parse_config(FilterConfig, {"output_dir": str(tmp_path), "source": {"path": str(tmp_path)},
+                                    "classifier": str(tmp_path), "min_actors": 3, "max_actors": 2})
+
+
+def test_classify_split_is_deterministic_and_shuffle_keeps_label_counts():
+    from definemed.corpus.classify import shuffle_labels, split_of
+
+    splits = [split_of(str(i), 0, 0.2, 0.2) for i in range(1000)]
+    assert splits == [split_of(str(i), 0, 0.2, 0.2) for i in range(1000)]
+    assert 150 < splits.count("test") < 250 and 150 < splits.count("val") < 250
+    df = pd.DataFrame({"id": [str(i) for i in range(100)], "label": [i % 3 == 0 for i in range(100)],
+                       "split": splits[:100]})
+    sh = shuffle_labels(df, 0)
+    for s in ("train", "val", "test"):
+        assert sh[sh.split == s].label.sum() == df[df.split == s].label.sum()
+    assert (sh.label != df.label).any()
+
+
+def test_stats_table_reports_study_numbers():
+    from definemed.corpus.filter import stats_table
+
+    stats = {"scored_docs": 10, "scored_words": 1000, "kept_docs": 4, "kept_words": 400, "after_dedup_docs": 3,
+             "duplicates_removed": 1, "contaminated_removed": 1, "final_docs": 2, "final_words": 180,
+             "pii_redacted": {"email": 1, "phone": 0, "ip": 0}, "decontam": {"enabled": True}}
+    table, md = stats_table(stats, {"empty": 2, "total": 2}, 0.9)
+    assert table["source"] == {"docs": 12, "words": 1000} and table["filtered"] == {"docs": 2, "words": 180}
+    assert "427.7M" in md and "7.3M" in md and "16.67%" in md
