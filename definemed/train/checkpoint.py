@@ -59,8 +59,46 @@ def report_with_checkpoint(metrics: dict[str, Any], step: int, model, optimizer,
                          checkpoint_dir_name=f"checkpoint_{step:06d}")
 
 
+def is_complete(path: str | os.PathLike) -> bool:
+    """Every shard file the DCP metadata points at is there, whole, and so is the train state."""
+    import torch.distributed.checkpoint as dcp
+
+    p = Path(path)
+    if not (p / ".metadata").exists() or not (p / TRAIN_STATE).exists():
+        return False
+    try:
+        meta = dcp.FileSystemReader(str(p)).read_metadata()
+    except Exception:  # noqa: BLE001 - a torn .metadata is simply incomplete
+        return False
+    need: dict[str, int] = {}
+    for info in (meta.storage_data or {}).values():
+        need[info.relative_path] = max(need.get(info.relative_path, 0), info.offset + info.length)
+    return all((p / f).exists() and (p / f).stat().st_size >= size for f, size in need.items())
+
+
+def checkpoint_step(path: str | os.PathLike) -> int:
+    return int(read_train_state(path)["step"])
+
+
 def latest_checkpoint_dir(run_dir: str | os.PathLike) -> Path | None:
-    """The newest complete checkpoint directory in a Ray Train run folder (for export and inspection)."""
-    found = sorted(p for p in Path(run_dir).glob("checkpoint_*") if (p / TRAIN_STATE).exists()
-                   and (p / ".metadata").exists())
-    return found[-1] if found else None
+    """The newest complete checkpoint in a Ray Train run folder (export, and resume when Ray lost track)."""
+    found = [p for p in Path(run_dir).glob("checkpoint_*") if is_complete(p)]
+    return max(found, key=checkpoint_step) if found else None
+
+
+def resume_dir(ray_checkpoint, run_dir: str | os.PathLike) -> Path | None:
+    """Where to resume from: Ray's latest registered checkpoint, or a newer complete one already persisted.
+
+    Ray registers a checkpoint only after its controller has collected every worker's report; when a worker dies
+    while reports are still queued (seen under heavy load), the restarted group would otherwise fall back to an
+    older checkpoint or none at all, and repeat steps. Shards are uploaded before the report barrier, so a
+    complete directory on storage is a safe resume point.
+    """
+    candidates = []
+    if ray_checkpoint is not None:
+        candidates.append(Path(ray_checkpoint.path))
+    disk = latest_checkpoint_dir(run_dir)
+    if disk is not None:
+        candidates.append(disk)
+    candidates = [c for c in candidates if c.exists() and is_complete(c)]
+    return max(candidates, key=checkpoint_step) if candidates else None

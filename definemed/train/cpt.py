@@ -140,7 +140,7 @@ def train_loop_per_worker(loop: dict[str, Any]) -> None:
     from tqdm import tqdm
     from transformers import AutoModelForCausalLM
 
-    from definemed.train.checkpoint import load_sharded, report_with_checkpoint
+    from definemed.train.checkpoint import load_sharded, report_with_checkpoint, resume_dir
     from definemed.train.dataloader import PackedDataLoader
     from definemed.train.loss import count_targets, forward_logits, loss_sum
     from definemed.train.lr_scheduler import build_lr_scheduler
@@ -174,15 +174,16 @@ def train_loop_per_worker(loop: dict[str, Any]) -> None:
                               seed=cfg.train.seed)
 
     start, resumed_from = 0, None
-    ckpt = ray.train.get_checkpoint()
-    if ckpt is not None:
-        with ckpt.as_directory() as d:
-            state = load_sharded(d, model, optimizer)
+    # Rank 0 picks the resume point and everyone loads that same one.
+    pick = [str(resume_dir(ray.train.get_checkpoint(), loop["run_dir"]) or "") if rank == 0 else None]
+    dist.broadcast_object_list(pick, src=0)
+    if pick[0]:
+        state = load_sharded(pick[0], model, optimizer)
         scheduler.load_state_dict(state["scheduler"])
         start = loader.check_resume(state["data"])
         resumed_from = state["step"]
         if rank == 0:
-            print(f"[cpt] resumed from checkpoint at step {resumed_from} ({ckpt.path})", flush=True)
+            print(f"[cpt] resumed from checkpoint at step {resumed_from} ({pick[0]})", flush=True)
     mlog = MetricsLog(out / METRICS_FILE, start) if rank == 0 else None
 
     fi = cfg.fault_injection
@@ -220,7 +221,8 @@ def train_loop_per_worker(loop: dict[str, Any]) -> None:
         if rank == 0:
             mlog.write(metrics)
             with (out / BATCHES_FILE).open("a", encoding="utf-8") as f:
-                f.write(json.dumps({"step": n, "seq_ids": seq_ids, "resumed_from": resumed_from}) + "\n")
+                f.write(json.dumps({"step": n, "seq_ids": seq_ids, "loss": metrics["loss"],
+                                    "resumed_from": resumed_from}) + "\n")
             bar.set_postfix(loss=f"{metrics['loss']:.3f}", tok_s=f"{metrics['tokens_per_s']:.0f}")
             bar.update(1)
         if n % cfg.checkpoint.every_steps == 0 or n == cfg.train.max_steps:
@@ -286,6 +288,7 @@ def build_trainer(cfg: CptConfig, model_path: str):
         failure_config=FailureConfig(max_failures=cfg.checkpoint.max_failures),
         checkpoint_config=RayCheckpointConfig(num_to_keep=cfg.checkpoint.keep))
     loop = {"cfg": cfg, "model_path": model_path, "output_dir": str(out),
+            "run_dir": str(out / "ray" / RUN_NAME),
             "shards": str((Path(cfg.packed) / SHARDS_DIR).resolve())}
     return TorchTrainer(train_loop_per_worker, train_loop_config=loop, scaling_config=scaling,
                         run_config=run_config)

@@ -288,5 +288,28 @@ def _arrow_paths(files: list[str], fs: Any) -> tuple[list[str], Any]:
     return [fs._strip_protocol(f) for f in files], PyFileSystem(FSSpecHandler(fs))
 
 
+def pack_local(table, model: str, out_dir: str | os.PathLike, seq_len: int, text_column: str = "text",
+               min_doc_tokens: int = 2) -> Path:
+    """The stage's steps in this process, for small corpora (benchmarks, tests): one shard + stats.json in the
+    stage's layout. Large corpora go through `run` (Ray Data)."""
+    import pyarrow.parquet as pq
+
+    from definemed.io import atomic_dir, atomic_write_json
+    from definemed.models import resolve_model
+
+    path = resolve_model(model)
+    tok = load_tokenizer(path)
+    pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    packed = pack_batch(tokenize_batch(table, path, text_column, min_doc_tokens), seq_len, pad_id)
+    out = Path(out_dir)
+    with atomic_dir(out / SHARDS_DIR) as tmp:
+        pq.write_table(packed, tmp / "part-00000.parquet")
+    stats = padding_stats(packed.column("doc_lens").to_pylist(), seq_len)
+    stats.update(seq_len=seq_len, shards=1, quarantined_rows=0, tokenizer=path, eos_token_id=tok.eos_token_id,
+                 pad_token_id=pad_id, model=model)
+    atomic_write_json(out / STATS_FILE, stats)
+    return out
+
+
 def read_stats(packed_dir: str | os.PathLike) -> dict[str, Any]:
     return json.loads((Path(packed_dir) / STATS_FILE).read_text(encoding="utf-8"))
