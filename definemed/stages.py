@@ -110,11 +110,11 @@ def run_stage(stage: Stage, cfg: StageConfig, ray_address: str | None = None) ->
     if done is not None:
         log.warning("[%s] already complete in %s; reusing its outputs", stage.name, cfg.output_dir)
         return done
-    Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)
     if stage.uses_ray:
         from definemed.ray_utils import init_ray
 
         init_ray(cfg.ray, address=ray_address)
+    Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)  # after Ray: a failed start leaves no empty dir
     outputs = stage.run_fn()(cfg)
     outputs = {k: str(v) for k, v in outputs.items()}
     manifest = write_manifest(cfg.output_dir, stage.name, cfg, inputs=cfg.lineage_inputs(),
