@@ -216,3 +216,16 @@ def test_flops_per_token_matches_6n_for_qwen2_0_5b_shape():
     n_params, n_embed = 494_032_768, 151936 * 896
     f = flops_per_token(c, n_params, n_embed, 4096)
     assert f == pytest.approx(6 * n_params + 12 * 24 * 14 * 64 * 4096)
+
+
+def test_document_separator_can_be_the_pretraining_eos(tiny_qwen2):
+    from definemed.config import ConfigError
+    from definemed.train.pack import load_tokenizer, separator_id, tokenize_batch
+
+    tok = load_tokenizer(tiny_qwen2)
+    sep = separator_id(tok, "<|endoftext|>")
+    assert sep != tok.eos_token_id  # the instruct eos is <|im_end|>
+    toks = tokenize_batch(pa.table({"text": ["Der Blutdruck ist hoch."]}), tiny_qwen2, "text", 2, eos_id=sep)
+    assert toks.column("tokens").to_pylist()[0][-1] == sep
+    with pytest.raises(ConfigError, match="eos_token"):
+        separator_id(tok, "<|nope|>")

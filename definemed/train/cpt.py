@@ -148,6 +148,7 @@ def train_loop_per_worker(loop: dict[str, Any]) -> None:
                                          flops_per_token, step_metrics)
     from definemed.train.parallelize import build_mesh, parallelize
 
+    logging.getLogger("ray.train").setLevel(logging.WARNING)  # not one "Reporting training result" line per step
     cfg: CptConfig = loop["cfg"]
     out = Path(loop["output_dir"])
     ctx = ray.train.get_context()

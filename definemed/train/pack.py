@@ -39,6 +39,9 @@ class PackConfig(StageConfig):
     pack_group_docs: int = Field(20_000, ge=1)
     sequences_per_shard: int = Field(4096, ge=1)
     min_doc_tokens: int = Field(2, ge=1)  # a 1-token document has no next token to predict
+    # Document separator; None = the tokenizer's eos_token. Qwen2.5 *Instruct* has eos <|im_end|> (end of turn);
+    # its pre-training separator is <|endoftext|>, which a CPT run may prefer.
+    eos_token: str | None = None
     limit_docs: int | None = Field(None, ge=1)
 
 
@@ -137,6 +140,17 @@ def load_tokenizer(path: str):
     return tok
 
 
+def separator_id(tok, eos_token: str | None) -> int:
+    if eos_token is None:
+        return tok.eos_token_id
+    tid = tok.get_vocab().get(eos_token)
+    if tid is None:
+        from definemed.config import ConfigError
+
+        raise ConfigError(f"invalid config field 'eos_token': '{eos_token}' is not a token of this tokenizer")
+    return int(tid)
+
+
 def bad_text_reason(text: Any) -> str | None:
     """Same rule as the quarantine scan: null or blank text cannot be trained on."""
     if text is None:
@@ -146,18 +160,19 @@ def bad_text_reason(text: Any) -> str | None:
     return None
 
 
-def tokenize_batch(batch, tokenizer_path: str, text_column: str, min_doc_tokens: int):
+def tokenize_batch(batch, tokenizer_path: str, text_column: str, min_doc_tokens: int, eos_id: int | None = None):
     """Tokenize a batch of documents (the model's own special tokens, e.g. Mistral's BOS) and end each with EOS.
     Unusable rows are dropped here; the quarantine pass records them."""
     import pyarrow as pa
 
     tok = load_tokenizer(tokenizer_path)
+    eos = tok.eos_token_id if eos_id is None else eos_id
     texts = [t for t in batch.column(text_column).to_pylist() if bad_text_reason(t) is None]
     out: list[list[int]] = []
     if texts:
         for ids in tok(texts, add_special_tokens=True)["input_ids"]:
-            if not ids or ids[-1] != tok.eos_token_id:
-                ids = list(ids) + [tok.eos_token_id]
+            if not ids or ids[-1] != eos:
+                ids = list(ids) + [eos]
             if len(ids) >= min_doc_tokens:
                 out.append(ids)
     return pa.table({"tokens": pa.array(out, type=pa.list_(pa.int32()))})
@@ -235,36 +250,40 @@ def run(cfg: PackConfig) -> dict[str, str]:
     shards = out / SHARDS_DIR
     tok_path = resolve_model(cfg.model)
     tok = load_tokenizer(tok_path)  # fail here, on the driver, with a clear message
-    pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    eos_id = separator_id(tok, cfg.eos_token)
+    pad_id = tok.pad_token_id if tok.pad_token_id is not None else eos_id
 
     files, fs = input_files(cfg.input)
     check_text_column(files, fs, cfg.text_column)
 
-    ctx = ray.data.DataContext.get_current()
-    ctx.execution_options.preserve_order = True  # same input -> same groups -> same packing, every run
-
     if not shards.exists():  # all-or-nothing: a killed pack leaves only a temp dir, which is redone
-        paths, arrow_fs = _arrow_paths(files, fs)
-        ds = ray.data.read_parquet(paths, columns=[cfg.text_column], filesystem=arrow_fs)
-        if cfg.limit_docs:
-            ds = ds.limit(cfg.limit_docs)
-        ds = ds.map_batches(tokenize_batch, batch_size=cfg.tokenize_batch_size, batch_format="pyarrow",
-                            fn_kwargs=dict(tokenizer_path=tok_path, text_column=cfg.text_column,
-                                           min_doc_tokens=cfg.min_doc_tokens))
-        ds = ds.map_batches(pack_batch, batch_size=cfg.pack_group_docs, batch_format="pyarrow",
-                            fn_kwargs=dict(seq_len=cfg.seq_len, pad_id=pad_id))
-        with atomic_dir(shards) as tmp:
-            ds.write_parquet(str(tmp), max_rows_per_file=cfg.sequences_per_shard)
-            # Ray names files by write task; the stable part-NNNNN order is the dataloader's shard order.
-            for i, f in enumerate(sorted(tmp.glob("*.parquet"))):
-                os.replace(f, tmp / f"part-{i:05d}.parquet")
+        ctx = ray.data.DataContext.get_current()
+        old_order = ctx.execution_options.preserve_order
+        ctx.execution_options.preserve_order = True  # same input -> same groups -> same packing, every run
+        try:
+            paths, arrow_fs = _arrow_paths(files, fs)
+            ds = ray.data.read_parquet(paths, filesystem=arrow_fs).select_columns([cfg.text_column])
+            if cfg.limit_docs:
+                ds = ds.limit(cfg.limit_docs)
+            ds = ds.map_batches(tokenize_batch, batch_size=cfg.tokenize_batch_size, batch_format="pyarrow",
+                                fn_kwargs=dict(tokenizer_path=tok_path, text_column=cfg.text_column,
+                                               min_doc_tokens=cfg.min_doc_tokens, eos_id=eos_id))
+            ds = ds.map_batches(pack_batch, batch_size=cfg.pack_group_docs, batch_format="pyarrow",
+                                fn_kwargs=dict(seq_len=cfg.seq_len, pad_id=pad_id))
+            with atomic_dir(shards) as tmp:
+                ds.write_parquet(str(tmp), max_rows_per_file=cfg.sequences_per_shard)
+                # Ray names files by write task; the stable part-NNNNN order is the dataloader's shard order.
+                for i, f in enumerate(sorted(tmp.glob("*.parquet"))):
+                    os.replace(f, tmp / f"part-{i:05d}.parquet")
+        finally:
+            ctx.execution_options.preserve_order = old_order
     n_bad = write_quarantine(files, fs, cfg.text_column, out)
 
     files = sorted(shards.glob("*.parquet"))
     doc_lens = (lens for f in files for lens in pq.read_table(f, columns=["doc_lens"]).column("doc_lens").to_pylist())
     stats = padding_stats(doc_lens, cfg.seq_len)
     stats.update(seq_len=cfg.seq_len, shards=len(files), quarantined_rows=n_bad, tokenizer=tok_path,
-                 eos_token_id=tok.eos_token_id, pad_token_id=pad_id, model=cfg.model,
+                 eos_token_id=eos_id, pad_token_id=pad_id, model=cfg.model,
                  format="input_ids,position_ids (restart per document),doc_lens,num_tokens")
     atomic_write_json(out / STATS_FILE, stats)
     log.info("[pack] %d sequences of %d tokens from %d chunks: padding %.3f%% (naive one-doc-per-row: %.1f%%)",
