@@ -196,3 +196,51 @@ def test_filter_counts_quarantine_dedup_decontam_and_pii(ray_local, tmp_path, ti
     removed = pd.read_parquet(Path(cfg.output_dir) / "decontaminated.parquet")
     assert sorted(removed["id"]) == ["zz-bench", "zz-prompt"]
     assert (Path(cfg.output_dir) / "quarantine").glob("part-*.parquet")
+
+
+def test_annotate_through_openai_compatible_http_endpoint(ray_local, tmp_path):
+    """The alternative backend: any OpenAI-compatible endpoint. The server here is a test double that answers
+    like a constrained model and records what it was sent."""
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    from definemed.corpus.stage import run_annotate
+
+    seen: list[dict] = []
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_POST(self):  # noqa: N802 - http.server API
+            body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+            seen.append({"path": self.path, "auth": self.headers.get("Authorization"), **body})
+            text = body["messages"][0]["content"]
+            answer = "medizinisch" if "Patient" in text else "nicht medizinisch"
+            out = json.dumps({"id": "x", "object": "chat.completion", "model": body["model"],
+                              "choices": [{"index": 0, "finish_reason": "stop",
+                                           "message": {"role": "assistant", "content": answer}}]}).encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(out)))
+            self.end_headers()
+            self.wfile.write(out)
+
+        def log_message(self, *a):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        import os
+
+        os.environ["DEFINEMED_TEST_KEY"] = "sk-test"
+        cfg = _annotate_cfg(tmp_path / "http", sample_size=16, shard_size=8, backend="http", batch_size=8,
+                            http={"base_url": f"http://127.0.0.1:{server.server_port}/v1", "model": "annotator",
+                                  "api_key_env": "DEFINEMED_TEST_KEY"})
+        out = run_annotate(cfg)
+    finally:
+        server.shutdown()
+    labels = pd.read_parquet(out["labels"])
+    assert len(labels) == 16 and set(labels["label"]) <= {"medical", "non_medical"}
+    assert len(seen) == 16 and all(s["path"] == "/v1/chat/completions" for s in seen)
+    assert all(s["structured_outputs"] == {"choice": ["medizinisch", "nicht medizinisch"]} for s in seen)
+    assert all(s["auth"] == "Bearer sk-test" and s["model"] == "annotator" for s in seen)
+    assert labels["model"].str.endswith("#annotator").all()
