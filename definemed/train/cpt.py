@@ -187,6 +187,7 @@ def train_loop_per_worker(loop: dict[str, Any]) -> None:
             print(f"[cpt] resumed from checkpoint at step {resumed_from} ({pick[0]})", flush=True)
     mlog = MetricsLog(out / METRICS_FILE, start) if rank == 0 else None
 
+    hsdp = mesh.mesh.shape[0] > 1
     fi = cfg.fault_injection
     tokens_step = world * cfg.grad_accum() * cfg.train.seq_len
     bar = tqdm(total=cfg.train.max_steps, initial=start, desc="cpt", unit="step", disable=rank != 0)
@@ -200,13 +201,16 @@ def train_loop_per_worker(loop: dict[str, Any]) -> None:
         n_targets = torch.tensor(float(sum(count_targets(mb.labels) for mb in micro)), device=device)
         dist.all_reduce(n_targets)
         loss_acc = torch.zeros((), device=device)
-        for mb in micro:
+        for m, mb in enumerate(micro):
+            if hsdp:  # reduce-scatter every micro-batch, all-reduce across replicas once per step
+                model.set_requires_all_reduce(m == len(micro) - 1)
             logits = forward_logits(model, mb.input_ids.to(device), mb.position_ids.to(device))
             ls, _ = loss_sum(logits, mb.labels.to(device))
             # FSDP averages gradients over the `world` replicas: scale so the result is sum / global targets.
             (ls * world / n_targets).backward()
             loss_acc += ls.detach()
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), o.max_grad_norm)
+        lr = optimizer.param_groups[0]["lr"]  # the lr this step used
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
@@ -215,7 +219,7 @@ def train_loop_per_worker(loop: dict[str, Any]) -> None:
         dist.all_gather_object(seq_ids, [mb.seq_id for mb in micro])
         dt = time.perf_counter() - t0
 
-        metrics = step_metrics(step=n, loss=float(loss_acc / n_targets), lr=scheduler.get_last_lr()[0],
+        metrics = step_metrics(step=n, loss=float(loss_acc / n_targets), lr=lr,
                                grad_norm=_scalar(grad_norm), step_time_s=dt, tokens_step=tokens_step,
                                target_tokens_step=int(n_targets), world_size=world, flops_token=flops_tok,
                                peak_flops=peak)

@@ -15,6 +15,7 @@ import functools
 import json
 import logging
 import os
+import zlib
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
@@ -82,10 +83,19 @@ def best_fit_decreasing(lengths: Sequence[int], capacity: int) -> list[list[int]
     return bins
 
 
-def build_rows(docs: Sequence[Sequence[int]], seq_len: int, pad_id: int) -> dict[str, list]:
-    """Chunk, pack and lay out documents as constant-length rows (columns of a packed shard)."""
+def build_rows(docs: Sequence[Sequence[int]], seq_len: int, pad_id: int,
+               shuffle_seed: int | None = None) -> dict[str, list]:
+    """Chunk, pack and lay out documents as constant-length rows (columns of a packed shard).
+
+    BFD emits bins from the longest documents to the shortest; `shuffle_seed` shuffles the rows so that a shard
+    cut from the output is not all long (or all short) documents.
+    """
+    import random
+
     chunks = [c for d in docs for c in chunk_document(d, seq_len)]
     bins = best_fit_decreasing([len(c) for c in chunks], seq_len)
+    if shuffle_seed is not None:
+        random.Random(shuffle_seed).shuffle(bins)
     cols: dict[str, list] = {"input_ids": [], "position_ids": [], "doc_lens": [], "num_tokens": []}
     for b in bins:
         ids: list[int] = []
@@ -181,7 +191,10 @@ def tokenize_batch(batch, tokenizer_path: str, text_column: str, min_doc_tokens:
 def pack_batch(batch, seq_len: int, pad_id: int):
     import pyarrow as pa
 
-    cols = build_rows(batch.column("tokens").to_pylist(), seq_len, pad_id)
+    docs = batch.column("tokens").to_pylist()
+    # Seeded by the group's content, so the same input always gives the same shards.
+    seed = zlib.crc32(json.dumps([len(docs), docs[0][:16] if docs else []]).encode())
+    cols = build_rows(docs, seq_len, pad_id, shuffle_seed=seed)
     ints = pa.list_(pa.int32())
     return pa.table({
         "input_ids": pa.array(cols["input_ids"], type=ints),
