@@ -109,6 +109,8 @@ def main() -> int:
     ap.add_argument("--max-model-len", type=int, default=256)
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--out", default="outputs/bench/serve.json")
+    ap.add_argument("--no-throughput-optimized", action="store_true",
+                    help="Serve's default request path (extra threads/loops, actor calls between deployments)")
     args = ap.parse_args()
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -124,7 +126,8 @@ def main() -> int:
     os.environ["DEFINEMED_BENCH_KEY"] = key
     cfg = ServeConfig(app_name="definemed-bench", port=0, api_key_env="DEFINEMED_BENCH_KEY",
                       models=[{"id": "bench", "model": model_dir, "engine": engine, "max_ongoing_requests": 256}],
-                      limits={"max_concurrent_per_key": 256}, access_log=True)
+                      limits={"max_concurrent_per_key": 256}, access_log=True,
+                      throughput_optimized=not args.no_throughput_optimized)
     vport = free_port("127.0.0.1")
     print(f"starting our endpoint and `vllm serve` (port {vport}) on {model_dir} ...", flush=True)
     vproc = start_vllm(model_dir, key, vport, args.max_model_len)
@@ -168,7 +171,8 @@ def main() -> int:
                 "errors": sum(sum(r["errors"].values()) for r in rs)}
 
     print(f"\nbench_serve: {Path(model_dir).name}, {args.max_tokens} output tokens/request, "
-          f"{args.rounds} alternating rounds; baseline = bare `vllm serve` (same engine settings, same machine)")
+          f"{args.rounds} alternating rounds, throughput_optimized={cfg.throughput_optimized}; "
+          f"baseline = bare `vllm serve` (same engine settings, same machine)")
     print(f"{'conc':>4} | {'ours req/s':>10} {'p50 ms':>8} {'p95 ms':>8} | {'vllm req/s':>10} {'p50 ms':>8} "
           f"{'p95 ms':>8} | ratio")
     summary = []

@@ -96,15 +96,22 @@ def make_fastapi_app(cfg: ServeConfig, settings: SecuritySettings) -> FastAPI:
     return app
 
 
-def serve_log_env(cfg: ServeConfig) -> dict[str, str]:
+def serve_env(cfg: ServeConfig) -> dict[str, str]:
+    """Serve process settings for the proxy (via the local Ray's environment) and the replicas (runtime_env)."""
     # Serve mirrors every replica log line (one access line per request per hop) to stderr, which Ray then
     # streams to the driver; the log files under the Ray session dir keep everything either way.
-    return {"RAY_SERVE_LOG_TO_STDERR": "1" if cfg.log_to_stderr else "0"}
+    env = {"RAY_SERVE_LOG_TO_STDERR": "1" if cfg.log_to_stderr else "0"}
+    if cfg.throughput_optimized:
+        # Ray's throughput-optimized request path minus direct ingress (which opens per-replica HTTP ports):
+        # each hop costs a thread switch less, which matters on oversubscribed CPUs.
+        env.update(RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD="0", RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP="0",
+                   RAY_SERVE_USE_GRPC_BY_DEFAULT="1")
+    return env
 
 
 def model_env(spec: ModelSpec, cfg: ServeConfig) -> dict[str, str]:
     env = {"HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1"), "TOKENIZERS_PARALLELISM": "false",
-           **serve_log_env(cfg)}
+           **serve_env(cfg)}
     if is_cpu_build():
         env["VLLM_CPU_KVCACHE_SPACE"] = str(spec.engine.kv_cache_space_gib)
     return env
@@ -144,7 +151,7 @@ def build_app(cfg: ServeConfig, key_digests: Optional[list[str]] = None):
     return serve.deployment(
         ingress_cls, name="OpenAiIngress", max_ongoing_requests=ing.max_ongoing_requests,
         autoscaling_config=ing.autoscaling.to_serve(),
-        ray_actor_options={"num_cpus": ing.num_cpus, "runtime_env": {"env_vars": serve_log_env(cfg)}},
+        ray_actor_options={"num_cpus": ing.num_cpus, "runtime_env": {"env_vars": serve_env(cfg)}},
     ).bind(llm_deployments=deployments, model_cards=cards)
 
 

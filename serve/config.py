@@ -99,6 +99,9 @@ class ServeConfig(StrictModel):
     access_log: bool = Field(True, description="Serve access log lines: method, route, status, latency; no bodies")
     log_requests: bool = Field(False, description="vLLM request logging; it includes prompt text, so off")
     log_to_stderr: bool = Field(False, description="mirror Serve replica logs to the terminal (files always)")
+    throughput_optimized: bool = Field(True, description="Serve request path without extra threads/loops, "
+                                                         "gRPC between deployments (subset of Ray's "
+                                                         "RAY_SERVE_THROUGHPUT_OPTIMIZED)")
     tls_certfile: Optional[str] = None
     tls_keyfile: Optional[str] = None
     request_timeout_s: Optional[float] = Field(300, gt=0)

@@ -2,6 +2,7 @@
 through the official `openai` client, record the answer and where it was served, and shut the app down."""
 from __future__ import annotations
 
+import os
 import time
 from pathlib import Path
 from typing import Optional
@@ -51,7 +52,8 @@ def run(cfg: ServeDemoConfig) -> dict[str, str]:
         info = ep.info()
     answer = resp.choices[0].message.content or ""
     endpoint = {**info, "served_models": served, "auth": "Authorization: Bearer <key>",
-                "key_source": f"${cfg.api_key_env}" if cfg.api_key_env else "one-off random key",
+                "key_source": (f"${cfg.api_key_env}" if cfg.api_key_env and os.environ.get(cfg.api_key_env)
+                               else "one-off random key for this run"),
                 "ready_after_s": round(ready_s, 1), "shut_down": True}
     result = {
         "model_id": cfg.model_id, "model": cfg.model, "question": cfg.question, "answer": answer,

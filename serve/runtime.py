@@ -164,7 +164,10 @@ def launch(cfg: ServeConfig, api_key: Optional[str] = None, *, ephemeral_key: bo
         keys = [secrets.token_urlsafe(32)]
     owns_ray = not ray.is_initialized()
     if owns_ray:  # Serve's proxy inherits the local Ray's environment; replicas get it via runtime_env
-        os.environ.setdefault("RAY_SERVE_LOG_TO_STDERR", "1" if cfg.log_to_stderr else "0")
+        from serve.app import serve_env
+
+        for k, v in serve_env(cfg).items():
+            os.environ.setdefault(k, v)
     init_ray(cfg.ray, address=ray_address)
     try:
         running = _running_http_options()
