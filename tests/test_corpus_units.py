@@ -197,3 +197,15 @@ def test_stats_table_reports_study_numbers():
     table, md = stats_table(stats, {"empty": 2, "total": 2}, 0.9)
     assert table["source"] == {"docs": 12, "words": 1000} and table["filtered"] == {"docs": 2, "words": 180}
     assert "427.7M" in md and "7.3M" in md and "16.67%" in md
+
+
+def test_invalid_corpus_config_exits_2_naming_the_field(tmp_path):
+    from typer.testing import CliRunner
+
+    from definemed.cli import app
+
+    bad = tmp_path / "filter.yaml"
+    bad.write_text(f"output_dir: {tmp_path}/o\nsource: {{path: {tmp_path}}}\nclassifier: {tmp_path}\n"
+                   "min_actors: 4\nmax_actors: 2\n")
+    res = CliRunner().invoke(app, ["validate", "filter", "--config", str(bad)])
+    assert res.exit_code == 2 and "max_actors" in res.output and len(res.output.strip().splitlines()) == 1

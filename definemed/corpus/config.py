@@ -4,7 +4,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, ValidationInfo, field_validator
 
 from definemed.config import InputPath, StageConfig, StrictModel
 from definemed.data.loaders import MCSourceConfig, WebSourceConfig
@@ -59,11 +59,12 @@ class AnnotateConfig(_WebStage):
             raise ValueError(f"unknown prompt version '{v}', known: {known}")
         return v
 
-    @model_validator(mode="after")
-    def _backend(self) -> "AnnotateConfig":
-        if self.backend == "http" and self.http is None:
-            raise ValueError("backend 'http' needs an 'http' section (base_url, model)")
-        return self
+    @field_validator("http")
+    @classmethod
+    def _http_for_http_backend(cls, v: HttpBackendConfig | None, info: ValidationInfo) -> HttpBackendConfig | None:
+        if v is None and info.data.get("backend") == "http":  # a field error, so the message names 'http'
+            raise ValueError("backend 'http' needs this section (base_url, model)")
+        return v
 
 
 class ClassifyConfig(StageConfig):
@@ -110,8 +111,10 @@ class FilterConfig(_WebStage):
     decontam: DecontamConfig = DecontamConfig()
     pii: bool = True
 
-    @model_validator(mode="after")
-    def _pool(self) -> "FilterConfig":
-        if self.max_actors < self.min_actors:
-            raise ValueError(f"max_actors ({self.max_actors}) must be >= min_actors ({self.min_actors})")
-        return self
+    @field_validator("max_actors")
+    @classmethod
+    def _pool(cls, v: int, info: ValidationInfo) -> int:
+        lo = info.data.get("min_actors")
+        if lo is not None and v < lo:
+            raise ValueError(f"must be >= min_actors ({lo})")
+        return v
