@@ -209,3 +209,24 @@ def test_invalid_corpus_config_exits_2_naming_the_field(tmp_path):
                    "min_actors: 4\nmax_actors: 2\n")
     res = CliRunner().invoke(app, ["validate", "filter", "--config", str(bad)])
     assert res.exit_code == 2 and "max_actors" in res.output and len(res.output.strip().splitlines()) == 1
+
+
+def test_partial_runs_from_another_config_are_refused_not_mixed(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from definemed.corpus.annotate import check_resumable
+    from definemed.corpus.config import AnnotateConfig
+    from definemed.corpus.stage import write_sample
+
+    cfg = AnnotateConfig(output_dir=str(tmp_path), source={"path": str(tmp_path)}, sample_size=10)
+    (tmp_path / "sample").mkdir()
+    (tmp_path / "sample" / "_SAMPLE.json").write_text('{"key": {"sample_size": 99}}')
+    with pytest.raises(ConfigError, match="output_dir"):
+        write_sample(cfg, tmp_path / "sample", tmp_path / "q")
+    ann = tmp_path / "annotations"
+    ann.mkdir()
+    pq.write_table(pa.table({"model": ["tiny://qwen2"], "prompt_sha": ["aaa"]}), ann / "shard-00000.parquet")
+    check_resumable(ann, "tiny://qwen2", "aaa", str(tmp_path))
+    with pytest.raises(ConfigError, match="output_dir"):
+        check_resumable(ann, "/models/Mixtral", "aaa", str(tmp_path))

@@ -159,6 +159,19 @@ def finalize_shard(inputs: "pd.DataFrame", answers: "pd.DataFrame", model: str, 
     }, columns=list(ANNOTATION_COLUMNS))
 
 
+def check_resumable(ann_dir: Path, model: str, prompt_sha: str, output_dir: str) -> None:
+    """Finished shards from another annotator or prompt must not be mixed into this run's labels."""
+    import pyarrow.parquet as pq
+
+    for p in sorted(ann_dir.glob("shard-*.parquet"))[:1]:
+        t = pq.read_table(p, columns=["model", "prompt_sha"]).slice(0, 1).to_pylist()
+        if t and (t[0]["model"], t[0]["prompt_sha"]) != (model, prompt_sha):
+            from definemed.config import ConfigError
+
+            raise ConfigError(f"invalid config field 'output_dir': {output_dir} holds shards labelled by "
+                              f"{t[0]['model']} (prompt {t[0]['prompt_sha']}); choose a new output_dir")
+
+
 def pending_shards(sample_dir: Path, ann_dir: Path) -> list[int]:
     done = {p.name for p in ann_dir.glob("shard-*.parquet")}
     return [int(p.stem.split("-")[1]) for p in sorted(sample_dir.glob("shard-*.parquet")) if p.name not in done]

@@ -53,7 +53,15 @@ def scorer_stage(ds: "ray.data.Dataset", model_dir: str, cfg: FilterConfig) -> "
                           num_cpus=cfg.num_cpus_per_actor, num_gpus=cfg.num_gpus_per_actor or None)
 
 
-def score_pass(cfg: FilterConfig, scored_dir: Path, quarantine_dir: Path) -> None:
+def score_key(cfg: FilterConfig) -> dict[str, Any]:
+    """What the scores depend on: a `scored/` dir with another key is recomputed, never reused."""
+    from definemed.lineage import hash_path
+
+    return {"source": cfg.source.model_dump(mode="json"), "classifier": hash_path(cfg.classifier),
+            "threshold": cfg.threshold, "max_length": cfg.max_length, "max_text_chars": cfg.max_text_chars}
+
+
+def score_pass(cfg: FilterConfig, scored_dir: Path, quarantine_dir: Path, key: dict[str, Any] | None = None) -> None:
     from definemed.corpus.ingest import read_valid, reset_quarantine
     from definemed.io import atomic_dir
 
@@ -61,8 +69,11 @@ def score_pass(cfg: FilterConfig, scored_dir: Path, quarantine_dir: Path) -> Non
     ds = read_valid(cfg.source, str(quarantine_dir), cfg.max_text_chars)
     ds = scorer_stage(ds, str(Path(cfg.classifier).resolve()), cfg)
     ds = ds.map_batches(mark_kept, batch_format="pandas", fn_kwargs={"threshold": cfg.threshold})
+    from definemed.io import atomic_write_json
+
     with atomic_dir(scored_dir, overwrite=True) as tmp:
         ds.write_parquet(str(tmp))
+        atomic_write_json(tmp / "_SCORED.json", key or score_key(cfg))
 
 
 def _kept_only(df: "pd.DataFrame") -> "pd.DataFrame":

@@ -33,8 +33,16 @@ def write_sample(cfg: AnnotateConfig, sample_dir: Path, quarantine_dir: Path) ->
     from definemed.io import atomic_dir, atomic_write_json, write_parquet_atomic
 
     marker = sample_dir / "_SAMPLE.json"
+    key = {"source": cfg.source.model_dump(mode="json"), "sample_size": cfg.sample_size, "seed": cfg.seed,
+           "shard_size": cfg.shard_size, "max_text_chars": cfg.max_text_chars}
     if marker.exists():
-        return json.loads(marker.read_text(encoding="utf-8"))
+        info = json.loads(marker.read_text(encoding="utf-8"))
+        if info.get("key") != key:
+            from definemed.config import ConfigError
+
+            raise ConfigError(f"invalid config field 'output_dir': {cfg.output_dir} holds a partial run drawn with "
+                              "another sample config (source/sample_size/seed/shard_size); choose a new output_dir")
+        return info
     ingest.reset_quarantine(str(quarantine_dir))
     total_hint = read_web_ray(cfg.source).count()  # Parquet metadata only; malformed rows included
     ds = ingest.read_valid(cfg.source, str(quarantine_dir), cfg.max_text_chars)
@@ -49,7 +57,7 @@ def write_sample(cfg: AnnotateConfig, sample_dir: Path, quarantine_dir: Path) ->
                 df["shard"] = i
                 write_parquet_atomic(pa.Table.from_pandas(df, preserve_index=False), tmp / f"shard-{i:05d}.parquet")
                 n += len(df)
-            info = {"docs": n, "shards": len(list(tmp.glob("shard-*.parquet"))), "seed": cfg.seed,
+            info = {"key": key, "docs": n, "shards": len(list(tmp.glob("shard-*.parquet"))), "seed": cfg.seed,
                     "requested": cfg.sample_size, "quarantine": ingest.quarantine_counts(str(quarantine_dir))}
             atomic_write_json(tmp / "_SAMPLE.json", info)
     finally:
@@ -78,6 +86,7 @@ def run_annotate(cfg: AnnotateConfig, max_shards: int | None = None, labeler=Non
     if tiny:
         _say(f"[annotate] NOTE: {TINY_ANNOTATOR_NOTE}")
     model = annotate.model_id(cfg)
+    annotate.check_resumable(ann_dir, model, annotate.load_prompt(cfg.prompt_version)[1], cfg.output_dir)
     run = annotate.annotate_shards(sample_dir, ann_dir, labeler or annotate.build_labeler(cfg), model,
                                    cfg.prompt_version, max_shards=max_shards)
     _say(f"[annotate] shards: {run['labelled_shards']} labelled now, {run['skipped_shards']} already done")
@@ -170,10 +179,12 @@ def run_filter(cfg: FilterConfig) -> dict[str, str]:
 
     out = Path(cfg.output_dir)
     scored, q_dir = out / "scored", out / "quarantine"
-    if scored.exists():
+    key = filt.score_key(cfg)
+    marker = scored / "_SCORED.json"
+    if marker.exists() and json.loads(marker.read_text(encoding="utf-8")) == key:
         _say(f"[filter] reusing scores in {scored}")
-    else:
-        filt.score_pass(cfg, scored, q_dir)
+    else:  # absent, or left by a killed run with another source/classifier/threshold
+        filt.score_pass(cfg, scored, q_dir, key)
     stats = filt.clean_pass(cfg, scored, out)
     q = quarantine_counts(str(q_dir))
     table, md = filt.stats_table(stats, q, cfg.threshold)
