@@ -29,6 +29,12 @@ def test_parse_judgment_json_fenced_text_and_garbage():
                                                        "contradiction": False}
     # a response cut off mid-JSON still states its verdict explicitly
     assert parse_judgment('{"korrektheit": "B", "urteil": "B", "antwort_a": {"halluz')["verdict"] == "B"
+    cut = parse_judgment('{"urteil":"A","antwort_a":{"halluzination":true,"ueberkonfidenz":false,'
+                         '"widerspruch":false},"antwort_b":{"halluzination":false,"ueberkonfidenz":true,'
+                         '"widerspruch":false},"begruendung":"abgeschnitt')
+    assert cut["verdict"] == "A" and cut["parsed_from"] == "text"
+    assert cut["flags_a"] == {"hallucination": True, "overconfidence": False, "contradiction": False}
+    assert cut["flags_b"]["overconfidence"] is True
     for bad in ["", "Antwort A ist besser.", "A", "{\"urteil\": \"vielleicht\"}", "Urteil: A ... Urteil: B",
                 "\x00\x01 ## !!", "null", "[1, 2]"]:
         assert parse_judgment(bad)["verdict"] == "unparsed", bad

@@ -12,7 +12,9 @@ from definemed.data.sample import SAMPLE_MEDQA, SAMPLE_MMLU, SAMPLE_PROMPTS
 from definemed.eval.config import EvalConfig
 from definemed.stages import DONE_MARKER, STAGES, run_stage
 
-ENGINE = {"max_model_len": 2048, "kv_cache_space_gib": 1}
+# compact JSON under the judge's schema (a random judge would pad it with blank lines up to max_tokens)
+ENGINE = {"max_model_len": 2048, "kv_cache_space_gib": 1,
+          "extra": {"structured_outputs_config": {"backend": "xgrammar", "disable_any_whitespace": True}}}
 
 
 def _cfg(out: Path) -> dict:
@@ -60,8 +62,11 @@ def test_eval_stage_through_serve_app_and_resume(ray_local, tmp_path):
     # pairwise: 3 prompts x 2 orders judged; every pair is a win, tie, loss or unparsed
     pw = res["pairwise"]
     assert pw["judgments"] == 6
+    # schema-constrained output through the serve app: even a random judge states a verdict every time
+    assert pw["unparsed_judgments"] == 0
     (comp,) = pw["comparisons"]
-    assert comp["n"] + comp["unparsed"] == 3
+    assert comp["n"] == 3 and comp["win"] + comp["tie"] + comp["loss"] == 3
+    assert 0.0 <= comp["win_rate"]["value"] <= 1.0
     answers = json.loads((out / "answers.json").read_text())["answers"]
     assert set(answers) == {"base", "other"} and all(len(a) == 3 for a in answers.values())
     # failure modes: the study-shaped row per model

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 from pydantic import Field
 
@@ -29,6 +29,7 @@ class GenerationConfig(StrictModel):
     seed: int | None = 0
     concurrency: int = Field(8, ge=1)
     retry: RetryConfig = RetryConfig()
+    extra_body: dict[str, Any] = Field(default_factory=dict, description="server-specific request fields")
 
 
 def _messages(cfg: GenerationConfig, prompt: str) -> list[dict[str, str]]:
@@ -40,6 +41,8 @@ def _params(cfg: GenerationConfig) -> dict:
     p = {"max_tokens": cfg.max_tokens, "temperature": cfg.temperature}
     if cfg.seed is not None:
         p["seed"] = cfg.seed
+    if cfg.extra_body:
+        p["extra_body"] = cfg.extra_body
     return p
 
 

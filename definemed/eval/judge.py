@@ -13,7 +13,7 @@ import logging
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Literal, Sequence
 
 from pydantic import Field
 
@@ -81,11 +81,15 @@ class JudgeConfig(StrictModel):
     max_tokens: int = Field(384, ge=1)
     temperature: float = Field(0.0, ge=0)
     seed: int | None = 0
-    structured: bool = Field(True, description="ask the endpoint for JSON-schema constrained output "
-                                               "(response_format json_schema)")
+    structured: Literal["response_format", "none"] = Field(
+        "response_format", description="ask for JSON-schema constrained judge output (OpenAI `response_format`; "
+        "vLLM and our serve app support it). Small judges pad such JSON with blank lines unless the engine sets "
+        "structured_outputs_config.disable_any_whitespace")
     concurrency: int = Field(8, ge=1)
     retry: RetryConfig = RetryConfig()
     max_answer_chars: int = Field(6000, ge=100, description="answers are cut to this length in the judge prompt")
+    extra_body: dict[str, Any] = Field(default_factory=dict, description="server-specific request fields, e.g. "
+                                       "{top_k: 1} for vLLM")
 
 
 # ---------------------------------------------------------------- parsing
@@ -134,11 +138,19 @@ def parse_judgment(text: str) -> dict[str, Any]:
             crit = {c: obj.get(c) for c in CRITERIA if isinstance(obj.get(c), str)}
             return {"verdict": v, "flags_a": _flags(obj.get("antwort_a")), "flags_b": _flags(obj.get("antwort_b")),
                     "criteria": crit, "reason": str(obj.get("begruendung", ""))[:1000], "parsed_from": "json"}
-    # No usable JSON (e.g. cut off): accept only an explicit, unambiguous "urteil: X".
+    # No usable JSON (e.g. cut off): accept only an explicit, unambiguous "urteil: X", and flag objects that
+    # were written out completely.
     found = {_VERDICTS[m.group(1).lower()] for m in _URTEIL.finditer(text)}
     if len(found) == 1:
-        return {"verdict": found.pop(), "flags_a": None, "flags_b": None, "criteria": {}, "reason": "",
-                "parsed_from": "text"}
+        flags = {}
+        for side in ("a", "b"):
+            m = re.search(rf'"antwort_{side}"\s*:\s*(\{{[^{{}}]*\}})', text)
+            try:
+                flags[side] = _flags(json.loads(m.group(1))) if m else None
+            except json.JSONDecodeError:
+                flags[side] = None
+        return {"verdict": found.pop(), "flags_a": flags["a"], "flags_b": flags["b"], "criteria": {},
+                "reason": "", "parsed_from": "text"}
     return {"verdict": "unparsed", "flags_a": None, "flags_b": None, "criteria": {}, "reason": "",
             "parsed_from": None}
 
@@ -179,7 +191,7 @@ def judge_messages(task: JudgeTask, cfg: JudgeConfig) -> list[dict[str, str]]:
 def task_key(task: JudgeTask, judge_model: str, cfg: JudgeConfig) -> str:
     return stable_key("judge", RUBRIC_VERSION, judge_model, task.prompt.id, task.prompt.prompt, task.model_a,
                       task.model_b, task.answer_a, task.answer_b, cfg.max_tokens, cfg.temperature, cfg.seed,
-                      cfg.structured, cfg.max_answer_chars)
+                      cfg.structured, cfg.max_answer_chars, cfg.extra_body)
 
 
 def judge_pairs(endpoint: Endpoint, tasks: Sequence[JudgeTask], cache_path: str | Path,
@@ -190,9 +202,12 @@ def judge_pairs(endpoint: Endpoint, tasks: Sequence[JudgeTask], cache_path: str 
     params: dict[str, Any] = {"max_tokens": cfg.max_tokens, "temperature": cfg.temperature}
     if cfg.seed is not None:
         params["seed"] = cfg.seed
-    if cfg.structured:
+    extra = dict(cfg.extra_body)
+    if cfg.structured == "response_format":
         params["response_format"] = {"type": "json_schema",
                                      "json_schema": {"name": "urteil", "schema": JUDGE_SCHEMA, "strict": True}}
+    if extra:
+        params["extra_body"] = extra
     keys = [task_key(t, endpoint.model, cfg) for t in tasks]
     todo = [(k, t) for k, t in dict(zip(keys, tasks)).items() if k not in cache]
     if len(todo) < len(tasks):
