@@ -139,7 +139,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         # F-beta at the threshold decides; while it is tied (typically 0.0 before any score reaches 0.9) a
         # lower validation loss counts as progress, so patience does not run out before learning starts.
         history.append(dict(metrics))
-        metrics["history_json"] = json.dumps(history)  # Ray Train v2 keeps only the last metrics per run
+        if rank == 0:  # Result.metrics holds only the best checkpoint's metrics; keep every epoch's
+            from definemed.io import atomic_write_text
+
+            atomic_write_text(config["history_path"], json.dumps(history, indent=1))
         improved = (score, -val_loss) > best
         if improved:
             best, since_best = (score, -val_loss), 0
@@ -172,12 +175,14 @@ def train(cfg: ClassifyConfig, df: "pd.DataFrame", model_dir: str, storage: Path
         raise ConfigError(f"invalid config field 'annotations': too few labelled documents to split "
                           f"({len(train_df)} train, {len(val_df)} val)")
     steps = max(1, math.ceil(len(train_df) / (cfg.batch_size * cfg.num_workers)))
+    history_path = str((storage / f"{name}_history.json").resolve())  # storage is shared by all nodes
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config=dict(model_dir=model_dir, lr=cfg.lr, weight_decay=cfg.weight_decay,
                                warmup_ratio=cfg.warmup_ratio, epochs=cfg.epochs, batch_size=cfg.batch_size,
                                max_length=cfg.max_length, threshold=cfg.threshold, beta=cfg.beta,
-                               patience=cfg.patience, seed=cfg.seed, steps_per_epoch=steps),
+                               patience=cfg.patience, seed=cfg.seed, steps_per_epoch=steps,
+                               history_path=history_path),
         scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu),
         run_config=RunConfig(name=name, storage_path=str(storage.resolve()),
                              checkpoint_config=CheckpointConfig(num_to_keep=1)),
@@ -189,7 +194,7 @@ def train(cfg: ClassifyConfig, df: "pd.DataFrame", model_dir: str, storage: Path
         raise RuntimeError("training reported no checkpoint (F-beta never improved above -1?)")
     import json
 
-    return result.checkpoint.path, json.loads((result.metrics or {}).get("history_json", "[]"))
+    return result.checkpoint.path, json.loads(Path(history_path).read_text()) if Path(history_path).exists() else []
 
 
 # ------------------------------------------------------------------------------------------------ evaluation
