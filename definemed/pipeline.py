@@ -34,7 +34,13 @@ def load_pipeline(path: str, only: list[str] | None = None) -> PipelineConfig:
     produced: list[str] = []
     stages: dict[str, StageConfig] = {}
     for name in order:
-        sec = dict(sections[name] or {})
+        if isinstance(sections[name], str):
+            # A stage section may name that stage's own YAML (e.g. configs/cluster/cpt.yaml): one source of truth.
+            # Its `ray` block is dropped because the pipeline's top-level `ray` runs every stage.
+            sec = load_yaml(sections[name])
+            sec.pop("ray", None)
+        else:
+            sec = dict(sections[name] or {})
         if "ray" in sec:
             raise ConfigError(f"{path}: invalid config field 'stages.{name}.ray': set ray once at the top level")
         cfg = parse_config(STAGES[name].config_model(), sec, source=f"{path} [stages.{name}]",

@@ -78,3 +78,30 @@ def test_demo_config_is_valid():
 
     p = load_pipeline(str(REPO / "configs" / "demo.yaml"))
     assert list(p.stages)[0] == "tiny-models"
+
+
+def test_cluster_pipeline_references_stage_configs_and_validates():
+    from tests.conftest import REPO
+
+    # Real model/data paths (/models, /data) do not exist here: they are checked by the stages on the cluster,
+    # so validate with every path deferred, as a pipeline does for paths earlier stages produce.
+    import definemed.pipeline as pl
+
+    p = REPO / "configs" / "cluster" / "pipeline.yaml"
+    raw = pl.load_yaml(str(p))
+    assert all(isinstance(v, str) for v in raw["stages"].values())
+    for name, path in raw["stages"].items():
+        assert (REPO / path).exists(), path
+        section = pl.load_yaml(str(REPO / path))
+        section.pop("ray", None)
+        cfg = parse_config(pl.STAGES[name].config_model(), section, context={"deferred_paths": ("/models", "/data")})
+        assert cfg.output_dir.startswith("/data/")
+
+
+def test_pipeline_section_may_name_a_stage_file(tmp_path):
+    stage_file = tmp_path / "tm.yaml"
+    stage_file.write_text(f"output_dir: {tmp_path}/o\nray: {{num_cpus: 2}}\nmodels: ['tiny://qwen2']\n")
+    p = _write(tmp_path, f"ray: {{num_cpus: 4}}\nstages:\n  tiny-models: {stage_file}\n")
+    cfg = load_pipeline(str(p))
+    assert cfg.stages["tiny-models"].models == ["tiny://qwen2"]
+    assert cfg.stages["tiny-models"].ray.num_cpus == 4  # the pipeline's ray wins
