@@ -23,10 +23,18 @@ REPO = Path(__file__).resolve().parents[1]
 VENV_BIN = Path(sys.executable).parent
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def _free_ports(n: int) -> list[int]:
+    """n distinct free ports: all sockets stay open until every port is chosen, or the OS may repeat one."""
+    socks = []
+    try:
+        for _ in range(n):
+            s = socket.socket()
+            s.bind(("127.0.0.1", 0))
+            socks.append(s)
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
 
 
 @pytest.fixture(scope="module")
@@ -36,7 +44,7 @@ def ray_head(tmp_path_factory):
     temp_dir = Path("/tmp") / f"dmrj-{os.getpid()}"
     # Every port explicit: the defaults (e.g. the dashboard agent's 52365) collide with any other Ray on the host,
     # including this test session's own local Ray.
-    gcs, dash, client, agent_http, agent_grpc, env_agent, metrics = (_free_port() for _ in range(7))
+    gcs, dash, client, agent_http, agent_grpc, env_agent, metrics = _free_ports(7)
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     env["PATH"] = f"{VENV_BIN}{os.pathsep}{env.get('PATH', '')}"  # the job's `python` is this venv's
     # Token auth as on a real cluster, with a token of our own so ~/.ray/auth_token is neither needed nor touched.
