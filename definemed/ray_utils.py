@@ -40,18 +40,20 @@ def init_ray(cfg: RayConfig | None = None, address: str | None = None, **overrid
         return ray.get_runtime_context()
     for k, v in default_env().items():
         os.environ.setdefault(k, v)
-    runtime_env = dict(cfg.runtime_env or {})
-    runtime_env.setdefault("env_vars", {})
-    runtime_env["env_vars"] = {**default_env(), **runtime_env["env_vars"]}
-    kwargs: dict[str, Any] = dict(namespace=cfg.namespace, runtime_env=runtime_env, log_to_driver=True,
-                                  logging_level=logging.WARNING)
+    kwargs: dict[str, Any] = dict(namespace=cfg.namespace, log_to_driver=True, logging_level=logging.WARNING)
     if addr in (None, "", "local"):
+        runtime_env = dict(cfg.runtime_env or {})
+        runtime_env["env_vars"] = {**default_env(), **(runtime_env.get("env_vars") or {})}
         kwargs.update(address="local", num_cpus=cfg.num_cpus, include_dashboard=cfg.include_dashboard,
-                      dashboard_host=cfg.dashboard_host)
+                      dashboard_host=cfg.dashboard_host, runtime_env=runtime_env)
         if cfg.num_gpus is not None:
             kwargs["num_gpus"] = cfg.num_gpus
     else:
+        # On a cluster the job's runtime_env (infra/runtime_env.yaml) and the image set the environment; adding
+        # our own env_vars here would make Ray refuse to merge it with the job's ("Failed to merge ...").
         kwargs["address"] = addr
+        if cfg.runtime_env:
+            kwargs["runtime_env"] = cfg.runtime_env
     kwargs.update(overrides)
     log.info("ray.init(%s)", {k: v for k, v in kwargs.items() if k != "runtime_env"})
     return ray.init(**kwargs)
