@@ -69,6 +69,16 @@ def _plt():
     return plt
 
 
+def _finish(plt, fig, ax, path: Path, ylabel: str, title: str, legend_size: int) -> Path:
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.legend(fontsize=legend_size)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def plot_mc(rows: list[dict], path: Path) -> Path:
     plt = _plt()
     models = sorted({r["model"] for r in rows})
@@ -89,13 +99,7 @@ def plot_mc(rows: list[dict], path: Path) -> Path:
         ax.bar(xs, ys, width, yerr=err, capsize=2, label=m)
     ax.set_xticks(range(len(groups)), [f"{b}\n{s}" for b, s in groups], rotation=45, ha="right", fontsize=7)
     ax.set_ylim(0, 1)
-    ax.set_ylabel("accuracy (95% bootstrap CI)")
-    ax.set_title("Multiple choice: accuracy per subject")
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _finish(plt, fig, ax, path, "accuracy (95% bootstrap CI)", "Multiple choice: accuracy per subject", 7)
 
 
 def plot_win_rates(comparisons: list[dict], path: Path) -> Path:
@@ -111,13 +115,7 @@ def plot_win_rates(comparisons: list[dict], path: Path) -> Path:
     ax.axhline(0.5, color="grey", lw=0.8, ls="--")
     ax.set_xticks(range(len(labels)), labels, fontsize=8)
     ax.set_ylim(0, 1)
-    ax.set_ylabel("win-rate (95% bootstrap CI)")
-    ax.set_title("Pairwise LLM-judge win-rate")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _finish(plt, fig, ax, path, "win-rate (95% bootstrap CI)", "Pairwise LLM-judge win-rate", 8)
 
 
 def plot_verbosity(rows: list[dict], path: Path) -> Path:
@@ -128,13 +126,7 @@ def plot_verbosity(rows: list[dict], path: Path) -> Path:
     for r in rows:
         ax.hist(r["words"], bins=bins, range=(0, max(allw) if allw else 1), alpha=0.45, label=r["model"])
     ax.set_xlabel("words per answer")
-    ax.set_ylabel("answers")
-    ax.set_title("Verbosity")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _finish(plt, fig, ax, path, "answers", "Verbosity", 8)
 
 
 # ---------------------------------------------------------------- markdown
