@@ -17,6 +17,9 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
 CONFIG_OPT = typer.Option(..., "--config", "-c", help="Stage YAML config (see configs/).")
 RAY_OPT = typer.Option(None, "--ray-address",
                        help="Ray cluster address or 'auto'. Default: start a local Ray in-process.")
+RERUN_OPT = typer.Option(False, "--rerun",
+                         help="Recompute even if output_dir holds a finished run (e.g. made from inputs that "
+                              "have since changed); the old outputs are kept until the new run finishes.")
 
 
 def _fail_config(e: Exception) -> None:
@@ -30,14 +33,14 @@ def print_outputs(stage: str, outputs: dict[str, str]) -> None:
         typer.echo(f"  {k}: {v}")
 
 
-def run_stage_cli(stage_name: str, config: str, ray_address: Optional[str]) -> dict[str, str]:
+def run_stage_cli(stage_name: str, config: str, ray_address: Optional[str], rerun: bool = False) -> dict[str, str]:
     try:
         stage = get_stage(stage_name)
         cfg = load_config(stage.config_model(), config)
     except ConfigError as e:
         _fail_config(e)
     try:
-        outputs = run_stage(stage, cfg, ray_address=ray_address)
+        outputs = run_stage(stage, cfg, ray_address=ray_address, rerun=rerun)
     except ConfigError as e:
         _fail_config(e)
     print_outputs(stage_name, outputs)
@@ -45,8 +48,8 @@ def run_stage_cli(stage_name: str, config: str, ray_address: Optional[str]) -> d
 
 
 def _make_stage_command(name: str, help_text: str):
-    def command(config: str = CONFIG_OPT, ray_address: Optional[str] = RAY_OPT) -> None:
-        run_stage_cli(name, config, ray_address)
+    def command(config: str = CONFIG_OPT, ray_address: Optional[str] = RAY_OPT, rerun: bool = RERUN_OPT) -> None:
+        run_stage_cli(name, config, ray_address, rerun=rerun)
 
     command.__name__ = name.replace("-", "_")
     command.__doc__ = help_text

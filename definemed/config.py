@@ -57,8 +57,65 @@ def _check_input_path(value: str, info: ValidationInfo) -> str:
     return existing_path(s)
 
 
-#: A path (or glob / remote URI) that must exist locally before the stage runs. Used for lineage hashing too.
-InputPath = Annotated[str, AfterValidator(_check_input_path)]
+class _LineageInput:
+    """Marks a config field whose value a stage reads: it is fingerprinted into lineage and `_DONE.json`, so a
+    finished stage is reused only while these inputs are unchanged."""
+
+    def __repr__(self) -> str:
+        return "LineageInput"
+
+
+LINEAGE_INPUT = _LineageInput()
+
+#: A path (or glob / remote URI) that must exist locally before the stage runs.
+InputPath = Annotated[str, AfterValidator(_check_input_path), LINEAGE_INPUT]
+#: A model the stage reads: tiny:// or real:// reference, local directory or hub id (validated where used).
+ModelInput = Annotated[str, LINEAGE_INPUT]
+
+
+def _is_lineage_input(annotation: Any) -> bool:
+    return any(m is LINEAGE_INPUT for m in getattr(annotation, "__metadata__", ()))
+
+
+def collect_lineage_inputs(model: BaseModel, prefix: str = "") -> dict[str, str]:
+    """Every InputPath / ModelInput value in a config, nested sections and lists included, by dotted name."""
+    import typing
+
+    out: dict[str, str] = {}
+
+    def visit(name: str, annotation: Any, value: Any) -> None:
+        if value is None:
+            return
+        if _is_lineage_input(annotation):
+            out[name] = str(value)
+            return
+        if isinstance(value, BaseModel):
+            out.update(collect_lineage_inputs(value, prefix=f"{name}."))
+            return
+        args = [a for a in typing.get_args(annotation) if a is not type(None)]
+        if isinstance(value, (list, tuple)) and args:
+            for i, v in enumerate(value):
+                visit(f"{name}[{i}]", args[0], v)
+        elif isinstance(value, dict) and len(args) == 2:
+            for k, v in value.items():
+                visit(f"{name}.{k}", args[1], v)
+        elif args:  # Optional[X] / unions: the first member that marks inputs decides
+            for a in args:
+                if _is_lineage_input(a):
+                    out[name] = str(value)
+                    return
+
+    for fname, field in type(model).model_fields.items():
+        if fname == "ray":
+            continue
+        ann = field.annotation
+        if any(m is LINEAGE_INPUT for m in field.metadata):
+            value = getattr(model, fname)
+            if value is not None:
+                out[prefix + fname] = str(value)
+            continue
+        visit(prefix + fname, ann, getattr(model, fname))
+    return out
 
 
 class StageConfig(StrictModel):
@@ -68,14 +125,9 @@ class StageConfig(StrictModel):
     ray: RayConfig = RayConfig()
 
     def lineage_inputs(self) -> dict[str, str]:
-        """Inputs hashed into the lineage manifest: every top-level InputPath field by default."""
-        out = {}
-        for name, field in type(self).model_fields.items():
-            if any(getattr(m, "func", None) is _check_input_path for m in field.metadata):
-                value = getattr(self, name)
-                if value is not None:
-                    out[name] = value
-        return out
+        """What the stage reads, by field name: every InputPath / ModelInput field, nested ones included.
+        Fingerprinted into lineage.json and _DONE.json (definemed.stages decides reuse from them)."""
+        return collect_lineage_inputs(self)
 
 
 def _field_path(loc: tuple) -> str:
@@ -144,6 +196,8 @@ __all__ = [
     "RayConfig",
     "StageConfig",
     "InputPath",
+    "ModelInput",
+    "collect_lineage_inputs",
     "existing_path",
     "field_validator",
     "load_config",

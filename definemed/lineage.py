@@ -79,19 +79,98 @@ def hash_path(path: str | os.PathLike) -> str | None:
     return None
 
 
+#: Files up to this size are content-hashed in input fingerprints; larger ones by name, size and mtime only, so a
+#: 30 GB corpus is checked with one stat per file, never re-read.
+SMALL_FILE_BYTES = 1 << 20
+#: Written last by the stage runner into every finished output directory (definemed.stages).
+DONE_MARKER = "_DONE.json"
+_PRODUCER_LEVELS = 4  # an input this many directories below a finished stage's output_dir counts as its output
+
+
+def producer_run(path: str | os.PathLike) -> dict[str, Any] | None:
+    """The finished stage run whose output directory holds `path` (its _DONE.json), or None."""
+    p = Path(path)
+    for d in [p, *p.parents][: _PRODUCER_LEVELS + 1]:
+        marker = d / DONE_MARKER
+        if marker.is_file():
+            try:
+                done = json.loads(marker.read_text(encoding="utf-8"))
+            except (OSError, ValueError):
+                return None
+            if done.get("run_id"):
+                return {"stage": done.get("stage"), "output_dir": str(d), "run_id": done["run_id"]}
+    return None
+
+
+def _stat_tree(p: Path) -> str:
+    h = hashlib.sha256()
+    files = [p] if p.is_file() else sorted(x for x in p.rglob("*") if x.is_file())
+    for f in files:
+        rel = f.relative_to(p).as_posix() if f != p else f.name
+        if any(part.startswith(".") for part in Path(rel).parts) or rel in (MANIFEST_NAME, DONE_MARKER):
+            continue
+        st = f.stat()
+        h.update(f"{rel}\0{st.st_size}\0".encode())
+        h.update(hash_file(f).encode() if st.st_size <= SMALL_FILE_BYTES else str(st.st_mtime_ns).encode())
+    return f"stat:{len(files)}:" + h.hexdigest()[:24]
+
+
+def fingerprint_input(value: str | os.PathLike) -> str:
+    """A cheap identity of one stage input, compared between runs to decide whether outputs are stale.
+
+    - inside another stage's finished output directory: that run's id (`run:<id>`);
+    - a tiny:// or real:// model: the fingerprint of the directory it resolves to;
+    - a local file, directory or glob: names + sizes, content hashes of small files, mtimes of large ones;
+    - anything else (remote URI, hub id): the string itself; pin a revision in it to make it exact.
+    """
+    s = str(value)
+    if s.startswith(("tiny://", "real://")):
+        from definemed.models import resolve_model
+
+        s = resolve_model(s)
+    if "://" in s:
+        return "uri:" + s
+    run = producer_run(s)
+    if run is not None:
+        return f"run:{run['run_id']}"
+    p = Path(s).expanduser()
+    if p.exists():
+        return _stat_tree(p)
+    if any(ch in s for ch in "*?["):
+        import glob
+
+        matches = sorted(glob.glob(s, recursive=True))
+        h = hashlib.sha256("\0".join(_stat_tree(Path(m)) for m in matches).encode())
+        return f"glob:{len(matches)}:" + h.hexdigest()[:24]
+    return "ref:" + s
+
+
 def _jsonable(cfg: Any) -> Any:
     if isinstance(cfg, BaseModel):
         return cfg.model_dump(mode="json")
     return cfg
 
 
+def describe_inputs(inputs: dict[str, str | os.PathLike] | None) -> dict[str, dict[str, Any]]:
+    """Path, fingerprint and (when another stage made it) the producing run of every input."""
+    out: dict[str, dict[str, Any]] = {}
+    for k, v in (inputs or {}).items():
+        entry: dict[str, Any] = {"path": str(v), "fingerprint": fingerprint_input(v), "hash": hash_path(v)}
+        run = producer_run(v) if "://" not in str(v) else None
+        if run is not None:
+            entry["produced_by"] = run
+        out[k] = entry
+    return out
+
+
 def build_manifest(stage: str, config: Any, inputs: dict[str, str | os.PathLike] | None = None,
-                   extra: dict[str, Any] | None = None) -> dict[str, Any]:
+                   extra: dict[str, Any] | None = None,
+                   described_inputs: dict[str, dict[str, Any]] | None = None) -> dict[str, Any]:
     return {
         "stage": stage,
         "created_utc": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "config": _jsonable(config),
-        "inputs": {k: {"path": str(v), "hash": hash_path(v)} for k, v in (inputs or {}).items()},
+        "inputs": described_inputs if described_inputs is not None else describe_inputs(inputs),
         "versions": {"python": sys.version.split()[0], **package_versions()},
         "git_revision": git_revision(),
         "host": {"platform": platform.platform(), "machine": platform.machine()},
@@ -101,14 +180,11 @@ def build_manifest(stage: str, config: Any, inputs: dict[str, str | os.PathLike]
 
 def write_manifest(out_dir: str | os.PathLike, stage: str, config: Any,
                    inputs: dict[str, str | os.PathLike] | None = None,
-                   extra: dict[str, Any] | None = None) -> Path:
+                   extra: dict[str, Any] | None = None,
+                   described_inputs: dict[str, dict[str, Any]] | None = None) -> Path:
     from definemed.io import atomic_write_text
 
     out = Path(out_dir) / MANIFEST_NAME
-    manifest = build_manifest(stage, config, inputs, extra)
+    manifest = build_manifest(stage, config, inputs, extra, described_inputs)
     atomic_write_text(out, json.dumps(manifest, indent=2, ensure_ascii=False, default=str) + "\n")
     return out
-
-
-def read_manifest(out_dir: str | os.PathLike) -> dict[str, Any]:
-    return json.loads((Path(out_dir) / MANIFEST_NAME).read_text(encoding="utf-8"))

@@ -51,8 +51,11 @@ def load_pipeline(path: str, only: list[str] | None = None) -> PipelineConfig:
 
 
 def run_pipeline(p: PipelineConfig, ray_address: str | None = None) -> dict[str, dict[str, str]]:
+    """Run the stages in order, like `dvc repro`: a finished stage is reused only while its config and inputs are
+    unchanged; a stage whose inputs changed is recomputed (the log says which input), and since that gives it a
+    new run id, every stage downstream of it is recomputed too."""
     results: dict[str, dict[str, str]] = {}
     for name, cfg in p.stages.items():
         print(f"\n=== stage {name} -> {cfg.output_dir} ===", flush=True)
-        results[name] = run_stage(STAGES[name], cfg, ray_address=ray_address)
+        results[name] = run_stage(STAGES[name], cfg, ray_address=ray_address, on_stale="rerun")
     return results

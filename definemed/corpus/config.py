@@ -6,7 +6,7 @@ from typing import Literal
 
 from pydantic import Field, ValidationInfo, field_validator
 
-from definemed.config import InputPath, StageConfig, StrictModel
+from definemed.config import InputPath, ModelInput, StageConfig, StrictModel
 from definemed.data.loaders import MCSourceConfig, WebSourceConfig
 from definemed.engine import EngineConfig
 
@@ -17,9 +17,6 @@ class _WebStage(StageConfig):
     source: WebSourceConfig
     # Longer texts go to quarantine ("oversized"): FineWeb2 has a few multi-MB pages that stall tokenisers.
     max_text_chars: int = Field(200_000, ge=1)
-
-    def lineage_inputs(self) -> dict[str, str]:
-        return {**super().lineage_inputs(), "source": self.source.path}
 
 
 class HttpBackendConfig(StrictModel):
@@ -42,7 +39,7 @@ class AnnotateConfig(_WebStage):
     prompt_version: str = "v1"
     max_doc_chars: int = Field(4000, ge=100)  # the document is cut to this many characters inside the prompt
     backend: Literal["vllm", "http"] = "vllm"
-    model: str = "tiny://qwen2"  # vLLM backend: tiny://..., a local path or a hub id
+    model: ModelInput = "tiny://qwen2"  # vLLM backend: tiny://..., a local path or a hub id
     engine: EngineConfig = EngineConfig(max_model_len=2048)
     replicas: int = Field(1, ge=1)  # vLLM engine replicas (Ray Data actors)
     batch_size: int = Field(32, ge=1)
@@ -73,7 +70,7 @@ class ClassifyConfig(StageConfig):
     # annotator's labels are noise, so training on them would prove nothing).
     label_source: Literal["llm", "gold"] = "llm"
     gold_column: str = "gold_label"
-    model: str = "tiny://xlm-roberta"
+    model: ModelInput = "tiny://xlm-roberta"
     num_workers: int = Field(2, ge=1)  # Ray Train data-parallel workers
     use_gpu: bool = False
     epochs: int = Field(3, ge=1)

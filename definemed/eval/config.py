@@ -127,9 +127,9 @@ class EvalConfig(StageConfig):
     def lineage_inputs(self) -> dict[str, str]:
         out: dict[str, str] = {}
         for name, ref in self.models.items():
-            if ref.path and "://" not in ref.path:
+            if ref.path:
                 out[f"model.{name}"] = ref.path
-        if self.judge is not None and self.judge.path and "://" not in self.judge.path:
+        if self.judge is not None and self.judge.path:
             out["model.judge"] = self.judge.path
         if self.mc is not None:
             for i, s in enumerate(self.mc.sources):

@@ -11,7 +11,7 @@ from typing import Literal, Union
 from pydantic import AfterValidator, Field, ValidationInfo, field_validator
 from typing_extensions import Annotated
 
-from definemed.config import StageConfig, StrictModel, _check_input_path
+from definemed.config import LINEAGE_INPUT, StageConfig, StrictModel, _check_input_path
 
 DEFAULT_KEY = "default"
 # The study's shape: attention moves from instruct (first layers) to CPT (last layers), MLP the other way round.
@@ -47,7 +47,7 @@ def _check_model_ref(value: str, info: ValidationInfo) -> str:
     return _check_input_path(s, info)
 
 
-ModelRef = Annotated[str, AfterValidator(_check_model_ref)]
+ModelRef = Annotated[str, AfterValidator(_check_model_ref), LINEAGE_INPUT]
 Gradient = Union[float, list[float]]
 
 
@@ -143,8 +143,3 @@ class MergeStageConfig(StageConfig):
     def model_dir(self) -> str:
         """The merged model's stable path (serving and evaluation read it)."""
         return f"{self.output_dir.rstrip('/')}/model"
-
-    def lineage_inputs(self) -> dict[str, str]:
-        from definemed.models import resolve_model
-
-        return {"model_a": resolve_model(self.model_a), "model_b": resolve_model(self.model_b)}

@@ -14,7 +14,7 @@ from typing import Any, Literal
 
 from pydantic import Field, ValidationInfo, field_validator
 
-from definemed.config import ConfigError, InputPath, StageConfig, StrictModel
+from definemed.config import ConfigError, InputPath, ModelInput, StageConfig, StrictModel
 
 log = logging.getLogger(__name__)
 
@@ -82,7 +82,7 @@ class FaultInjection(StrictModel):
 
 
 class CptConfig(StageConfig):
-    model: str  # base instruct model: tiny://qwen2, /models/Qwen2.5-7B-Instruct, ...
+    model: ModelInput  # base instruct model: tiny://qwen2, /models/Qwen2.5-7B-Instruct, ...
     packed: InputPath  # the pack stage's output_dir
     parallel: ParallelConfig = ParallelConfig()
     optim: OptimConfig = OptimConfig()
