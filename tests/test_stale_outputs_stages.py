@@ -42,8 +42,8 @@ def _run_ids(*dirs: Path) -> list[str]:
 
 
 def test_pack_refuses_a_replaced_input_directory_and_reruns_on_request(ray_local, tmp_path, medical_texts, capsys):
-    """The report: pack ran on 96 files (131 docs; 12 here for CI time); the directory was replaced by one one-document file; pack with
-    the same config said 'already complete' and exited 0."""
+    """The report: pack ran on 96 files (131 docs; 12 files here, for CI time); the directory was replaced by one
+    one-document file; pack with the same config said 'already complete' and exited 0."""
     from definemed.cli import run_stage_cli
 
     src = _finemed(tmp_path / "finemed_de", medical_texts, files=12)
