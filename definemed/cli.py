@@ -2,8 +2,6 @@
 definemed.stages / definemed.pipeline; exit code 2 means the config was rejected before any work started."""
 from __future__ import annotations
 
-import logging
-import sys
 from typing import Optional
 
 import typer
@@ -17,6 +15,9 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
 CONFIG_OPT = typer.Option(..., "--config", "-c", help="Stage YAML config (see configs/).")
 RAY_OPT = typer.Option(None, "--ray-address",
                        help="Ray cluster address or 'auto'. Default: start a local Ray in-process.")
+VERBOSE_OPT = typer.Option(False, "--verbose", "-v",
+                           help="Print every library log line (vLLM, Ray, transformers) too; by default they go "
+                                "only to <output_dir>/logs/<stage>.log.")
 RERUN_OPT = typer.Option(False, "--rerun",
                          help="Recompute even if output_dir holds a finished run (e.g. made from inputs that "
                               "have since changed); the old outputs are kept until the new run finishes.")
@@ -48,7 +49,9 @@ def run_stage_cli(stage_name: str, config: str, ray_address: Optional[str], reru
 
 
 def _make_stage_command(name: str, help_text: str):
-    def command(config: str = CONFIG_OPT, ray_address: Optional[str] = RAY_OPT, rerun: bool = RERUN_OPT) -> None:
+    def command(config: str = CONFIG_OPT, ray_address: Optional[str] = RAY_OPT, rerun: bool = RERUN_OPT,
+                verbose: bool = VERBOSE_OPT) -> None:
+        _verbose(verbose)
         run_stage_cli(name, config, ray_address, rerun=rerun)
 
     command.__name__ = name.replace("-", "_")
@@ -78,8 +81,11 @@ def serve_command(config: str = CONFIG_OPT, ray_address: Optional[str] = RAY_OPT
 
 @app.command()
 def pipeline(config: str = CONFIG_OPT, ray_address: Optional[str] = RAY_OPT,
-             only: Optional[str] = typer.Option(None, help="Comma-separated subset of stages to run.")) -> None:
-    """Run the stages of a pipeline config in order (the demo: configs/demo.yaml)."""
+             only: Optional[str] = typer.Option(None, help="Comma-separated subset of stages to run."),
+             verbose: bool = VERBOSE_OPT) -> None:
+    """Run the stages of a pipeline config in order (the demo: configs/demo.yaml). A finished stage is reused
+    only while its config and inputs are unchanged; otherwise it and everything downstream is recomputed."""
+    _verbose(verbose)
     from definemed.pipeline import load_pipeline, run_pipeline
 
     try:
@@ -110,9 +116,21 @@ def validate(stage: str = typer.Argument(..., help="Stage name, or 'pipeline'.")
     typer.echo(f"{config}: valid {stage} config")
 
 
+def _verbose(verbose: bool) -> None:
+    from definemed.console import configure
+
+    if verbose:
+        configure(verbose=True)
+
+
+@app.callback()
+def _options(verbose: bool = VERBOSE_OPT) -> None:
+    from definemed.console import configure
+
+    configure(verbose=verbose)
+
+
 def main() -> None:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-                        stream=sys.stderr)
     app()
 
 

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any, Callable, Literal
 
 from definemed.config import ConfigError, StageConfig
+from definemed.console import requery_library_handlers, stage_log
 from definemed.io import atomic_write_json
 from definemed.lineage import DONE_MARKER, describe_inputs, fingerprint_input, write_manifest
 
@@ -196,20 +197,21 @@ def run_stage(stage: Stage, cfg: StageConfig, ray_address: str | None = None,
             "(the old outputs are kept until the new run finishes)")
     if d.action == "rerun":
         log.warning("[%s] recomputing %s: %s", stage.name, cfg.output_dir, d.why)
-    if stage.uses_ray:
-        from definemed.ray_utils import init_ray
-
-        init_ray(cfg.ray, address=ray_address)
-    if d.action == "rerun":
         aside = _set_aside(out)
         if aside is not None:
             log.warning("[%s] previous outputs kept at %s until this run finishes", stage.name, aside)
     run_id = d.run_id if d.action == "resume" and d.run_id else uuid.uuid4().hex[:12]
-    described = describe_inputs(cfg.lineage_inputs())
-    out.mkdir(parents=True, exist_ok=True)  # after Ray: a failed start leaves no empty dir
-    atomic_write_json(out / RUN_MARKER, {"stage": stage.name, "run_id": run_id,
-                                         "config_fingerprint": config_fingerprint(cfg), "inputs": inputs})
-    outputs = stage.run_fn()(cfg)
+    with stage_log(stage.name, cfg.output_dir):
+        if stage.uses_ray:
+            from definemed.ray_utils import init_ray
+
+            init_ray(cfg.ray, address=ray_address)
+            requery_library_handlers()
+        described = describe_inputs(cfg.lineage_inputs())
+        out.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(out / RUN_MARKER, {"stage": stage.name, "run_id": run_id,
+                                             "config_fingerprint": config_fingerprint(cfg), "inputs": inputs})
+        outputs = stage.run_fn()(cfg)
     outputs = {k: str(v) for k, v in outputs.items()}
     manifest = write_manifest(cfg.output_dir, stage.name, cfg, described_inputs=described,
                               extra={"outputs": outputs, "run_id": run_id})

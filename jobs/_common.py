@@ -2,8 +2,6 @@
 from __future__ import annotations
 
 import argparse
-import logging
-import sys
 
 
 def main(stage: str, argv: list[str] | None = None) -> None:
@@ -14,9 +12,12 @@ def main(stage: str, argv: list[str] | None = None) -> None:
                         help="Ray address; inside `ray job submit` the job's cluster is used automatically")
     parser.add_argument("--rerun", action="store_true",
                         help="recompute even if output_dir holds a finished run made from other inputs")
+    parser.add_argument("--verbose", "-v", action="store_true",
+                        help="print every library log line; by default they go to <output_dir>/logs/<stage>.log")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-                        stream=sys.stderr)
     from definemed.cli import run_stage_cli
+    from definemed.console import configure
+
+    configure(verbose=args.verbose)
 
     run_stage_cli(stage, args.config, args.ray_address, rerun=args.rerun)  # exits 2 on a rejected config

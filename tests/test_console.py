@@ -1,0 +1,88 @@
+"""The quiet console: library INFO lines and Ray worker output go to the stage log, not the terminal."""
+from __future__ import annotations
+
+import io
+import logging
+import sys
+
+import pytest
+
+from definemed import console
+
+
+@pytest.mark.parametrize("line", [
+    "INFO 12-01 14:17:27 [__init__.py:235] Automatically detected platform cpu.",
+    "2026-12-01 14:30:15,774\tINFO streaming_executor.py:215 -- Starting execution of Dataset dataset_0",
+    "\x1b[36m(RayTrainWorker pid=4242)\x1b[0m INFO 12-01 14:17:27 [model_runner.py:1] Loading weights",
+    "(MapWorker(MapBatches(Scorer)) pid=77, ip=10.0.0.2) some library chatter",
+    '{"asctime": "2026-12-01 14:00:00,000", "levelname": "INFO", "message": "HTTP Request: POST /v1/chat"}',
+    "INFO:     127.0.0.1:51234 - \"POST /v1/chat/completions HTTP/1.1\" 200 OK",
+])
+def test_library_chatter_is_noise(line):
+    assert console.is_noise(line)
+
+
+@pytest.mark.parametrize("line", [
+    "=== stage pack -> outputs/demo/pack ===",
+    "[pack] padding 0.096% of 511 packed sequences vs 26.4% for naive one-document-per-row",
+    "WARNING definemed.stages: [pack] already complete in outputs/demo/pack",
+    "2026-12-01 14:30:11,799\tWARNING authentication_token_setup.py:85 -- Token authentication is enabled",
+    "\x1b[36m(RayTrainWorker pid=4242)\x1b[0m Traceback (most recent call last):",
+    "(pid=77) ERROR 12-01 14:17:27 [engine.py:1] EngineCore failed",
+    '{"levelname": "WARNING", "message": "slow replica"}',
+    "  merged: outputs/demo/merge/model",
+])
+def test_what_a_user_must_see_is_not_noise(line):
+    assert not console.is_noise(line)
+
+
+def test_stage_log_routes_lines_and_restores_streams(tmp_path, monkeypatch):
+    out, err = io.StringIO(), io.StringIO()
+    monkeypatch.setattr(sys, "stdout", out)
+    monkeypatch.setattr(sys, "stderr", err)
+    monkeypatch.setattr(console, "_STATE", {"enabled": True, "verbose": False})
+    lib = logging.getLogger("some.library")
+    lib_handler = logging.StreamHandler(err)  # a library that printed to the terminal on its own
+    lib.addHandler(lib_handler)
+    lib.propagate = False
+    lib.setLevel(logging.INFO)
+    try:
+        with console.stage_log("demo", str(tmp_path)) as path:
+            print("[demo] visible result")
+            print("INFO 12-01 14:17:27 [x.py:1] engine chatter")
+            print("(Worker pid=1) worker chatter", file=sys.stderr)
+            sys.stderr.write("\rprogress 50%")
+            lib.info("library info")
+            lib.warning("library warning")
+        assert sys.stdout is out and sys.stderr is err
+        assert lib_handler.level == logging.NOTSET  # restored
+    finally:
+        lib.removeHandler(lib_handler)
+        lib.propagate = True
+        lib.setLevel(logging.NOTSET)
+    shown = out.getvalue() + err.getvalue()
+    assert "[demo] visible result" in shown and "library warning" in shown and "progress 50%" in shown
+    assert "engine chatter" not in shown and "worker chatter" not in shown and "library info" not in shown
+    assert f"[demo] log: {path}" in err.getvalue()
+    logged = path.read_text()
+    for text in ("visible result", "engine chatter", "worker chatter", "library info", "library warning"):
+        assert text in logged
+
+
+def test_failure_prints_the_log_path_and_reraises(tmp_path, monkeypatch):
+    err = io.StringIO()
+    monkeypatch.setattr(sys, "stderr", err)
+    monkeypatch.setattr(console, "_STATE", {"enabled": True, "verbose": False})
+    with pytest.raises(RuntimeError):
+        with console.stage_log("demo", str(tmp_path)):
+            raise RuntimeError("boom")
+    assert f"[demo] failed; full log: {tmp_path / 'logs' / 'demo.log'}" in err.getvalue()
+
+
+def test_verbose_shows_everything(tmp_path, monkeypatch):
+    out = io.StringIO()
+    monkeypatch.setattr(sys, "stdout", out)
+    monkeypatch.setattr(console, "_STATE", {"enabled": True, "verbose": True})
+    with console.stage_log("demo", str(tmp_path)):
+        print("INFO 12-01 14:17:27 [x.py:1] engine chatter")
+    assert "engine chatter" in out.getvalue()
