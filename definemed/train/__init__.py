@@ -1,4 +1,4 @@
-"""Continual pre-training (issue 5), torchtitan style: one concern per module.
+"""Continual pre-training, torchtitan style: one concern per module.
 
 pack (tokenize + best-fit-decreasing packing on Ray Data) -> dataloader (deterministic, sharded, resumable)
 -> parallelize (FSDP2 / HSDP) -> lr_scheduler -> loss (packed, per-document) -> checkpoint (DCP as Ray Train
