@@ -141,7 +141,7 @@ class RayNodes:
                 pass
         for p in reversed(self.procs):
             try:
-                p.wait(timeout=30)
+                p.wait(timeout=10)
             except subprocess.TimeoutExpired:
                 os.killpg(p.pid, signal.SIGKILL)
         shutil.rmtree(self.temp_dir, ignore_errors=True)

@@ -9,7 +9,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from definemed.config import StrictModel, load_config
+from definemed.config import StrictModel
 from definemed.plan.cluster import ClusterSpec, Node, load_spec, nodes_from_ray, nodes_from_spec, totals
 from definemed.plan.fit import fit_stage
 from definemed.plan.load import load_stages
@@ -46,8 +46,11 @@ def plan(config: str, stage: str | None = None, ray_address: str | None = None, 
 
         init_ray(ray_cfg, address=ray_address)
         nodes, source = nodes_from_ray(), f"live Ray at {ray_address or ray_cfg.address or 'local'}"
-    if throughput:
-        thr.update(load_config(ThroughputFile, throughput).throughput)
+    if throughput:  # any YAML with a `throughput:` section, e.g. a cluster spec
+        from definemed.config import load_yaml, parse_config
+
+        section = {"throughput": load_yaml(throughput).get("throughput") or {}}
+        thr.update(parse_config(ThroughputFile, section, source=throughput).throughput)
     resources = totals(nodes)
     plans = []
     for name, cfg in stages:

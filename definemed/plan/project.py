@@ -67,11 +67,19 @@ def project(stage: str, cfg, requests: list, units: dict[str, int], thr: Through
         return None
     main = next((r for r in requests if r.key == thr.request), requests[0]) if thr.request else requests[0]
     n = units.get(main.key, main.min_units)
-    phase = [r for r in requests if r.phase == main.phase]
-    gpus = sum(units.get(r.key, r.min_units) * r.gpus_per_unit for r in phase)
-    held = f"{n} x {main.what}"
+
+    def phase_gpus(phase: str) -> float:
+        return sum(units.get(r.key, r.min_units) * r.gpus_per_unit for r in requests if r.phase == phase)
+
+    gpus = phase_gpus(main.phase)
+    each = f" ({main.gpus_per_unit:g} GPU each)" if main.gpus_per_unit else ""
+    held = f"{n} x {main.what}{each}"
     if thr.wall_h is not None:
+        # A direct estimate covers every phase: book the largest phase's GPUs for all of it.
+        phases = list(dict.fromkeys(r.phase for r in requests))
+        gpus = max(phase_gpus(p) for p in phases)
         wall = thr.wall_h + thr.startup_h
+        held = f"{len(phases)} phase(s), up to {gpus:g} GPUs at once" if len(phases) > 1 else held
         text = f"{held}; {thr.wall_h:g} h ({thr.source})"
     else:
         given = config_work(stage, cfg)
@@ -91,4 +99,12 @@ def project(stage: str, cfg, requests: list, units: dict[str, int], thr: Through
     if thr.startup_h:
         text += f" + {thr.startup_h:g} h start-up"
     gpu_h = wall * gpus
-    return Projection(wall, gpu_h, f"{text} -> {wall:.1f} h, {gpu_h:,.0f} GPU-h")
+    return Projection(wall, gpu_h, f"{text} -> {hours(wall)}, {gpu_hours(gpu_h)}")
+
+
+def hours(h: float) -> str:
+    return f"{h * 60:.0f} min" if h < 1 else f"{h:.1f} h"
+
+
+def gpu_hours(x: float) -> str:
+    return f"{x:,.1f} GPU-h" if x < 10 else f"{x:,.0f} GPU-h"

@@ -65,7 +65,8 @@ def rows(plans: list[StagePlan]) -> list[tuple[str, ...]]:
             first = i == 0
             wall = gpu_h = ""
             if first and p.projection and not math.isnan(p.projection.wall_h):
-                wall, gpu_h = f"{p.projection.wall_h:.1f}", f"{p.projection.gpu_h:,.0f}"
+                wall = f"{p.projection.wall_h:.1f}" if p.projection.wall_h >= 1 else f"{p.projection.wall_h:.2f}"
+                gpu_h = f"{p.projection.gpu_h:,.0f}" if p.projection.gpu_h >= 10 else f"{p.projection.gpu_h:.1f}"
             label = r.what if r.phase in ("run", "") else f"[{r.phase}] {r.what}"
             out.append((p.stage if first else "", label, u, _per_unit(r), gpus, ", ".join(r.node_types) or "-",
                         fits, wall, gpu_h))

@@ -73,8 +73,20 @@ class StageRequests:
 # ---------------------------------------------------------------------------------------------------- stages
 
 
+def _auto_note(out: "StageRequests", what: str, choice, device: str, resources: Mapping[str, float]) -> None:
+    if choice == "auto":
+        out.notes.append(f"{what}: accelerator auto -> {device} (the cluster has {resources.get('GPU', 0):g} GPUs)")
+
+
+def _engine_request(stage: str, key: str, what: str, engine, resources: Mapping[str, float], **kw) -> Request:
+    from definemed.engine import engine_device, placement_group_config
+
+    pg = placement_group_config(engine, engine_device(engine, dict(resources)))
+    return Request(stage, key, what, pg["bundles"], strategy=pg["strategy"], **kw)
+
+
 def annotate(cfg, resources: Mapping[str, float]) -> StageRequests:
-    from definemed.engine import placement_bundles
+    from definemed.engine import engine_device
 
     out = StageRequests("annotate")
     if cfg.backend == "http":
@@ -82,10 +94,11 @@ def annotate(cfg, resources: Mapping[str, float]) -> StageRequests:
         out.requests.append(Request("annotate", "http", "HTTP client actor", [{"CPU": 1}],
                                     min_units=1, max_units=h.concurrency, strategy="SPREAD"))
         return out
-    bundles = placement_bundles(cfg.engine)
-    # ray.data.llm autoscales an int concurrency n between 1 and n engine replicas.
-    out.requests.append(Request("annotate", "engine", f"vLLM engine replica (TP{cfg.engine.tensor_parallel_size})",
-                                bundles, strategy="PACK", min_units=1, max_units=cfg.replicas))
+    _auto_note(out, "engine", cfg.engine.accelerator, engine_device(cfg.engine, dict(resources)), resources)
+    lo, hi = cfg.replica_bounds()  # the (min, max) concurrency corpus/annotate.py gives ray.data.llm
+    out.requests.append(_engine_request("annotate", "engine",
+                                        f"vLLM engine replica (TP{cfg.engine.tensor_parallel_size})", cfg.engine,
+                                        resources, min_units=lo, max_units=hi))
     return out
 
 
@@ -114,18 +127,20 @@ def filter_(cfg, resources: Mapping[str, float]) -> StageRequests:
 def pack(cfg, resources: Mapping[str, float]) -> StageRequests:
     return StageRequests("pack", [Request(
         "pack", "tasks", "Ray Data tokenize/pack task", [{"CPU": 1}], strategy="SPREAD",
-        note="elastic: Ray Data runs as many 1-CPU tasks as there are free CPUs")])
+        max_units=max(1, int(resources.get("CPU", 1))),
+        note="Ray Data runs as many 1-CPU tasks as there are free CPUs")])
 
 
 def cpt(cfg, resources: Mapping[str, float]) -> StageRequests:
-    from ray.train import ScalingConfig
+    from definemed.train.cpt import scaling_config
 
     p = cfg.parallel
-    scaling = ScalingConfig(num_workers=p.num_workers, use_gpu=p.use_gpu, resources_per_worker={"CPU": p.cpus_per_worker},
-                            accelerator_type=p.accelerator_type)
-    return StageRequests("cpt", [Request(
-        "cpt", "worker", "Ray Train worker (FSDP2 rank)", [_scaling_bundle(scaling)] * 1,
+    scaling = scaling_config(cfg, dict(resources))  # the ScalingConfig build_trainer gives TorchTrainer
+    out = StageRequests("cpt", [Request(
+        "cpt", "worker", "Ray Train worker (FSDP2 rank)", [_scaling_bundle(scaling)],
         strategy=scaling.placement_strategy, min_units=p.num_workers, max_units=p.num_workers)])
+    _auto_note(out, "workers", p.use_gpu, "gpu" if scaling.use_gpu else "cpu", resources)
+    return out
 
 
 def merge(cfg, resources: Mapping[str, float]) -> StageRequests:
@@ -135,24 +150,23 @@ def merge(cfg, resources: Mapping[str, float]) -> StageRequests:
     return StageRequests("merge", [Request("merge", "merge", "mergekit merge task", [bundle])])
 
 
-def _engine_task(engine) -> Bundle:
-    from definemed.engine import is_cpu_build, placement_bundles
+def _engine_task(engine, resources: Mapping[str, float]) -> Bundle:
+    from definemed.engine import task_resources
 
-    bundles = placement_bundles(engine)  # as eval/stage.py run_mc builds the MC scoring task
-    return {"CPU": 1} if is_cpu_build() else {"GPU": sum(b.get("GPU", 0) for b in bundles), "CPU": 1}
+    o = task_resources(engine.resolve(dict(resources)))  # as eval/stage.py run_mc starts the MC scoring task
+    return {"CPU": o.get("num_cpus"), "GPU": o.get("num_gpus")}
 
 
-def serve_models(stage: str, cfg, phase: str = "run") -> list[Request]:
-    """A ServeConfig's deployments: one placement group per model replica, plus the ingress replicas."""
-    from definemed.engine import placement_bundles
-
+def serve_models(stage: str, cfg, resources: Mapping[str, float], phase: str = "run") -> list[Request]:
+    """A ServeConfig's deployments: one placement group per model replica (serve/app.py llm_config), plus the
+    ingress replicas."""
     out = []
     for spec in cfg.models:
         a = spec.autoscaling
-        out.append(Request(stage, f"serve {spec.id}",
-                           f"Serve LLM replica '{spec.id}' (TP{spec.engine.tensor_parallel_size})",
-                           placement_bundles(spec.engine), strategy="PACK", min_units=a.min_replicas,
-                           max_units=a.max_replicas, phase=phase))
+        out.append(_engine_request(stage, f"serve {spec.id}",
+                                   f"Serve LLM replica '{spec.id}' (TP{spec.engine.tensor_parallel_size})",
+                                   spec.engine, resources, min_units=a.min_replicas, max_units=a.max_replicas,
+                                   phase=phase))
     ing = cfg.ingress
     out.append(Request(stage, "ingress", "OpenAI ingress replica", [{"CPU": ing.num_cpus}], strategy="SPREAD",
                        min_units=ing.autoscaling.min_replicas, max_units=ing.autoscaling.max_replicas, phase=phase))
@@ -175,16 +189,16 @@ def eval_(cfg, resources: Mapping[str, float]) -> StageRequests:
     for name in cfg.mc_models():  # one Ray task per model, one after another
         ref = cfg.models[name]
         out.requests.append(Request("eval", f"mc {name}", f"MC scoring task '{name}' (one vLLM engine)",
-                                    [_engine_task(ref.engine)], phase=f"mc {name}"))
+                                    [_engine_task(ref.engine, resources)], phase=f"mc {name}"))
     if cfg.pairwise is not None:
         hcfg = hosting_config(cfg)
-        for r in serve_models("eval", hcfg, phase="pairwise"):
+        for r in serve_models("eval", hcfg, resources, phase="pairwise"):
             out.requests.append(r)
     return out
 
 
 def serve(cfg, resources: Mapping[str, float]) -> StageRequests:
-    return StageRequests("serve", serve_models("serve", cfg))
+    return StageRequests("serve", serve_models("serve", cfg, resources))
 
 
 def tiny_models(cfg, resources: Mapping[str, float]) -> StageRequests:
@@ -198,7 +212,7 @@ def serve_demo(cfg, resources: Mapping[str, float]) -> StageRequests:
     scfg = ServeConfig.model_validate({"models": [{"id": cfg.model_id, "model": cfg.model,
                                                    "engine": cfg.engine.model_dump()}]},
                                       context={"plan_only": True})
-    return StageRequests("serve-demo", serve_models("serve-demo", scfg))
+    return StageRequests("serve-demo", serve_models("serve-demo", scfg, resources))
 
 
 BUILDERS: dict[str, Callable[[Any, Mapping[str, float]], StageRequests]] = {

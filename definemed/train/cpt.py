@@ -24,8 +24,9 @@ RUN_NAME = "cpt"
 
 class ParallelConfig(StrictModel):
     num_workers: int = Field(2, ge=1)
-    use_gpu: bool = False
-    accelerator_type: str | None = None  # e.g. "A100" (Ray's accelerator_type resource)
+    # auto: GPU workers if the Ray cluster has GPUs (definemed.resources); cluster configs say true
+    use_gpu: bool | Literal["auto"] = "auto"
+    accelerator_type: str | None = None  # e.g. "A100" (Ray's accelerator_type resource; GPU workers only)
     cpus_per_worker: float = Field(1.0, gt=0)
     # Workers per FSDP shard group; None = all workers (pure FSDP). 1 = pure replication. 8 = HSDP per node.
     shard_group_size: int | None = Field(None, ge=1)
@@ -276,18 +277,28 @@ def _check_tokenizer(stats: dict[str, Any], model_path: str, cfg: CptConfig) -> 
                           f"({stats['tokenizer']}), whose vocabulary differs from model {cfg.model}")
 
 
+def scaling_config(cfg: CptConfig, resources: dict[str, float] | None = None):
+    """Ray Train workers: GPU or CPU from `parallel.use_gpu` and the cluster (`resources`, default the connected
+    one), never from the driver's hardware."""
+    from ray.train import ScalingConfig
+
+    from definemed.resources import resolve_device
+
+    p = cfg.parallel
+    gpu = resolve_device(p.use_gpu, resources) == "gpu"
+    return ScalingConfig(num_workers=p.num_workers, use_gpu=gpu, resources_per_worker={"CPU": p.cpus_per_worker},
+                         accelerator_type=p.accelerator_type if gpu else None)
+
+
 def build_trainer(cfg: CptConfig, model_path: str):
     from ray.train import CheckpointConfig as RayCheckpointConfig
-    from ray.train import FailureConfig, RunConfig, ScalingConfig
+    from ray.train import FailureConfig, RunConfig
     from ray.train.torch import TorchTrainer
 
     from definemed.train.pack import SHARDS_DIR
 
     out = Path(cfg.output_dir).resolve()  # workers may not share the driver's cwd
-    p = cfg.parallel
-    resources = {"CPU": p.cpus_per_worker}
-    scaling = ScalingConfig(num_workers=p.num_workers, use_gpu=p.use_gpu, resources_per_worker=resources,
-                            accelerator_type=p.accelerator_type)
+    scaling = scaling_config(cfg)
     run_config = RunConfig(
         name=RUN_NAME, storage_path=str(out / "ray"),  # same name + storage: a restarted job resumes
         failure_config=FailureConfig(max_failures=cfg.checkpoint.max_failures),
