@@ -184,3 +184,20 @@ def test_vendored_crd_schemas_record_their_kuberay_release():
     for name in src["files"]:
         s = json.loads((REPO / "infra" / "kuberay-crds" / kr.VERSION / name).read_text())
         assert s["type"] == "object" and "spec" in s["properties"]
+
+
+def test_gpu_check_script_writes_valid_configs(tmp_path):
+    """scripts/gpu_check.sh has not run on a GPU yet (none lent); its configs are checked here so it is ready."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "PYTHON": sys.executable, "GPU_CHECK_DIR": str(tmp_path)}
+    r = subprocess.run(["bash", str(REPO / "scripts" / "gpu_check.sh"), "--validate-only"], capture_output=True,
+                       text=True, env=env, cwd=REPO, timeout=300)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert [ln.split()[:2] for ln in r.stdout.splitlines()] == [
+        ["tiny-models", "ok"], ["annotate", "ok"], ["pack", "ok"], ["serve-demo", "ok"], ["cpt", "ok"]]
+    cpt = yaml.safe_load((tmp_path / "cpt.yaml").read_text())
+    assert cpt["parallel"]["use_gpu"] is True and cpt["train"]["max_steps"] == 20
+    assert yaml.safe_load((tmp_path / "annotate.yaml").read_text())["engine"]["accelerator"] == "gpu"

@@ -44,10 +44,9 @@ class AnnotateConfig(_WebStage):
     backend: Literal["vllm", "http"] = "vllm"
     model: str = "tiny://qwen2"  # vLLM backend: tiny://..., a local path or a hub id
     engine: EngineConfig = EngineConfig(max_model_len=2048)
-    # vLLM engine replicas (Ray Data actors): Ray Data starts min_replicas and grows up to max_replicas while the
-    # cluster has free resources and work is queued; min == max is a fixed pool.
-    min_replicas: int = Field(1, ge=1)
-    max_replicas: int = Field(1, ge=1)
+    min_replicas: int = Field(1, ge=1, description="vLLM engine replicas (Ray Data actors) started first")
+    max_replicas: int = Field(1, ge=1, description="Ray Data grows up to this many replicas while the cluster has "
+                                                   "free resources and work is queued (= min_replicas: fixed pool)")
     batch_size: int = Field(32, ge=1)
     max_tokens: int = Field(16, ge=4)  # must cover the longest label in tokens, or labels get cut
     http: HttpBackendConfig | None = None

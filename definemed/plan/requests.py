@@ -164,7 +164,7 @@ def serve_models(stage: str, cfg, resources: Mapping[str, float], phase: str = "
     for spec in cfg.models:
         a = spec.autoscaling
         out.append(_engine_request(stage, f"serve {spec.id}",
-                                   f"Serve LLM replica '{spec.id}' (TP{spec.engine.tensor_parallel_size})",
+                                   f"Serve LLM '{spec.id}' (TP{spec.engine.tensor_parallel_size})",
                                    spec.engine, resources, min_units=a.min_replicas, max_units=a.max_replicas,
                                    phase=phase))
     ing = cfg.ingress
@@ -188,7 +188,7 @@ def eval_(cfg, resources: Mapping[str, float]) -> StageRequests:
     out = StageRequests("eval")
     for name in cfg.mc_models():  # one Ray task per model, one after another
         ref = cfg.models[name]
-        out.requests.append(Request("eval", f"mc {name}", f"MC scoring task '{name}' (one vLLM engine)",
+        out.requests.append(Request("eval", f"mc {name}", "MC scoring task (one vLLM engine)",
                                     [_engine_task(ref.engine, resources)], phase=f"mc {name}"))
     if cfg.pairwise is not None:
         hcfg = hosting_config(cfg)
