@@ -52,6 +52,19 @@ def engine_kwargs(cfg: EngineConfig, device: Device | None = None) -> dict[str, 
     return kw
 
 
+def batch_engine_kwargs(cfg: EngineConfig, device: Device | None = None) -> dict[str, Any]:
+    """engine_kwargs for ray.data.llm (batch labelling). With tensor parallelism on GPU, vLLM's multiprocessing
+    executor runs the TP ranks inside the engine actor, which then holds all of its GPUs itself (one node, like
+    STRICT_PACK). ray.data.llm's default for TP > 1, the Ray executor, creates a placement group each time an
+    engine actor starts and never removes it (Ray 2.60): GPUs of scaled-down or restarted replicas stayed reserved
+    until the job ended, seen on the simulated cluster as 32 GPUs held by a pool capped at 4 x TP4."""
+    device = device or engine_device(cfg)
+    kw = engine_kwargs(cfg, device)
+    if device == "gpu" and cfg.tensor_parallel_size > 1:
+        kw.setdefault("distributed_executor_backend", "mp")
+    return kw
+
+
 def placement_bundles(cfg: EngineConfig, device: Device | None = None) -> list[dict[str, float]]:
     """Ray placement bundles for one engine replica: one GPU (and a CPU for its worker) per tensor-parallel rank;
     one CPU bundle on CPU (the default bundle asks for a GPU and would wait forever there)."""

@@ -85,25 +85,35 @@ class RayNodes:
         self._wait_up(proc, "head.log")
 
     def add_worker(self, *, num_cpus: int, num_gpus: int = 0, memory_bytes: int | None = None,
-                   resources: dict | None = None, object_store_bytes: int | None = None) -> None:
+                   resources: dict | None = None, object_store_bytes: int | None = None, attempts: int = 3) -> None:
+        """Start a worker node and wait until it runs. `ray start` gives a raylet a fixed 30 s to register, which a
+        loaded machine can miss; such a start is retried."""
         assert self.gcs_address, "start the head first"
         i = len(self.procs)
-        args = [f"--address={self.gcs_address}", f"--num-cpus={num_cpus}", f"--num-gpus={num_gpus}",
-                *self._node_ports()]
+        args = [f"--address={self.gcs_address}", f"--num-cpus={num_cpus}", f"--num-gpus={num_gpus}"]
         if memory_bytes:
             args.append(f"--memory={memory_bytes}")
         if object_store_bytes:
             args.append(f"--object-store-memory={object_store_bytes}")
         if resources:
             args.append(f"--resources={json.dumps(resources)}")
-        self._start(args, f"worker{i}.log")
+        for attempt in range(attempts):
+            log = f"worker{i}-{attempt}.log"
+            proc = self._start([*args, *self._node_ports()], log)
+            try:
+                self._wait_up(proc, log, dashboard=False)
+                return
+            except RuntimeError:
+                self.procs.remove(proc)
+                if attempt == attempts - 1 or "timed out during startup" not in (self.log_dir / log).read_text():
+                    raise
 
-    def _wait_up(self, proc: subprocess.Popen, log_name: str, timeout: float = 300) -> None:
+    def _wait_up(self, proc: subprocess.Popen, log_name: str, timeout: float = 300, dashboard: bool = True) -> None:
         deadline = time.time() + timeout
         while time.time() < deadline:
             if proc.poll() is not None:
                 raise RuntimeError(f"ray exited: {(self.log_dir / log_name).read_text()[-2000:]}")
-            if self.dashboard:
+            if self.dashboard and dashboard:
                 try:
                     urllib.request.urlopen(f"{self.dashboard}/api/version", timeout=2)
                     return
@@ -115,23 +125,6 @@ class RayNodes:
                 return
             time.sleep(1)
         raise RuntimeError(f"ray did not come up in {timeout:.0f} s: {(self.log_dir / log_name).read_text()[-2000:]}")
-
-    def wait_nodes(self, n: int, timeout: float = 300) -> None:
-        """Until n nodes are alive (checked by a short driver in a subprocess: this process keeps its own Ray)."""
-        code = ("import ray,sys; ray.init(address=sys.argv[1], logging_level='ERROR'); "
-                "print(sum(1 for x in ray.nodes() if x['Alive']))")
-        deadline = time.time() + timeout
-        while time.time() < deadline:
-            for p in self.procs:
-                if p.poll() is not None:
-                    logs = "".join(f.read_text()[-1500:] for f in self.log_dir.glob("*.log"))
-                    raise RuntimeError(f"a ray node exited: {logs}")
-            r = subprocess.run([sys.executable, "-c", code, self.gcs_address], capture_output=True, text=True,
-                               env=self.env, timeout=120)
-            if r.returncode == 0 and r.stdout.strip().splitlines()[-1:] == [str(n)]:
-                return
-            time.sleep(2)
-        raise RuntimeError(f"{n} ray nodes not alive after {timeout:.0f} s")
 
     def stop(self) -> None:
         for p in reversed(self.procs):

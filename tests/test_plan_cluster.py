@@ -36,7 +36,6 @@ def sim_cluster(tmp_path_factory):
         for _ in range(2):
             nodes.add_worker(num_cpus=144, num_gpus=WORKER_GPUS, memory_bytes=2**40, resources=WORKER_RESOURCES,
                              object_store_bytes=150 * 2**20)
-        nodes.wait_nodes(3)
         yield nodes
     finally:
         nodes.stop()
@@ -159,3 +158,29 @@ def test_accelerator_and_node_type_resources_reach_the_requests(reserved):
     merge = by["merge"]["merge"]
     assert all(merge["bundles"][0].get(k) == v for k, v in stages["merge"]["resources"]["custom"].items())
     assert merge["bundles"][0]["memory"] == 64 * 2**30
+
+
+def test_annotation_grows_into_free_gpus_and_releases_them_when_done(sim_cluster, local_pipeline, tmp_path):
+    """The annotate stage's own ray.data.llm processor (min_replicas..max_replicas engines of TP4 from the cluster
+    config) on the simulated cluster, with a sleeping stand-in for vLLM (no CUDA here): GPUs in use grow past one
+    replica, never past max_replicas, and drop to zero once the documents are done. With ray.data.llm's default
+    executor for TP > 1, each engine start left a placement group behind: 32 GPUs stayed held after the run."""
+    import os
+
+    _, stages = local_pipeline
+    cfg = stages["annotate"]
+    out = tmp_path / "autoscale.json"
+    r = subprocess.run([sys.executable, str(REPO / "tests" / "autoscale_probe.py"), sim_cluster.gcs_address,
+                        str(local_pipeline[0].parent / "annotate.yaml"), str(out)],
+                       capture_output=True, text=True, cwd=REPO, timeout=600,
+                       env={**sim_cluster.env, "PROBE_BATCHES": "24", "PROBE_BATCH_S": "2",
+                            "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"})
+    assert r.returncode == 0, r.stderr[-3000:]
+    rep = json.loads(out.read_text())
+    per = cfg["engine"]["tensor_parallel_size"]
+    assert (rep["min_size"], rep["max_size"], rep["gpus_per_replica"]) == (cfg["min_replicas"], cfg["max_replicas"], per)
+    used = [g for _, g in rep["samples"]]
+    assert max(used) > cfg["min_replicas"] * per, used  # grew into free GPUs
+    assert max(used) <= cfg["max_replicas"] * per, used  # within its bound
+    assert used[-1] == 0, used  # and gave them back when done
+    assert rep["rows"] == 24 * cfg["batch_size"]

@@ -110,3 +110,13 @@ def test_cluster_configs_pass_offline_validation(monkeypatch):
     stages, _ = load_stages(str(REPO / "configs" / "cluster" / "pipeline.yaml"))
     assert [n for n, _ in stages] == ["annotate", "classify-train", "filter", "pack", "cpt", "merge", "eval"]
     load_stages(str(REPO / "configs" / "cluster" / "serve.yaml"), stage="serve")
+
+
+def test_batch_labelling_keeps_tensor_parallel_ranks_inside_the_engine_actor():
+    from definemed.engine import batch_engine_kwargs
+
+    tp4 = EngineConfig(accelerator="gpu", tensor_parallel_size=4)
+    assert batch_engine_kwargs(tp4)["distributed_executor_backend"] == "mp"  # no placement group left behind
+    assert "distributed_executor_backend" not in batch_engine_kwargs(EngineConfig(accelerator="gpu"))
+    assert "distributed_executor_backend" not in batch_engine_kwargs(EngineConfig(tensor_parallel_size=2,
+                                                                                  accelerator="cpu"))
