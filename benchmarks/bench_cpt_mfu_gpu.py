@@ -87,10 +87,10 @@ def main() -> None:
     import torch.distributed as dist
     from transformers import AutoModelForCausalLM, Qwen2Config
 
-    from definemed.train.cpt import _attn_implementation
     from definemed.train.loss import forward_logits, loss_sum
     from definemed.train.metrics import device_peak_flops, flops_per_token
     from definemed.train.parallelize import build_mesh, parallelize
+    from definemed.train.weights import choose_attention
 
     device_type = "cpu" if args.cpu_dry_run else "cuda"
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
@@ -102,7 +102,7 @@ def main() -> None:
             torch.cuda.set_device(0)
         shape = TINY if args.cpu_dry_run else QWEN2_0_5B
         seq_len = min(args.seq_len, 256) if args.cpu_dry_run else args.seq_len
-        attn = _attn_implementation(args.attn, device_type)
+        attn, _ = choose_attention(args.attn, device_type)
         config = Qwen2Config(**shape)
         torch.manual_seed(0)
         with device:

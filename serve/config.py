@@ -58,6 +58,8 @@ class ModelSpec(StrictModel):
         deferred = (info.context or {}).get("deferred_paths", ()) if info is not None else ()
         if any(v == d or v.startswith(str(d).rstrip("/") + "/") for d in deferred):
             return v
+        if info is not None and (info.context or {}).get("plan_only"):  # planned before /models exists
+            return v
         raise ValueError(f"path does not exist: {v}")
 
 

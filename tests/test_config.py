@@ -44,7 +44,8 @@ def test_error_is_one_line(tmp_path):
     assert "\n" not in str(e.value)
 
 
-def test_remote_and_glob_inputs_pass_through(tmp_path):
+def test_remote_and_glob_inputs_pass_through(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")  # hf:// needs hub access (refused offline: tests/test_resources.py)
     for v in ["hf://datasets/HuggingFaceFW/fineweb-2/data/deu_Latn/train/*.parquet", f"{tmp_path}/*.parquet"]:
         assert parse_config(DemoCfg, {"output_dir": "o", "data": v}).data == v
 

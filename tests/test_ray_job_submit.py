@@ -1,83 +1,33 @@
-"""A real `ray start --head` on loopback ports, a real `ray job submit` of the demo corpus stage.
+"""A real `ray start --head` on loopback ports, real `ray job submit`s: the demo corpus stage, CPT with Ray Train
+inside the job, and the merge task on its export.
 
 The head runs in its own temp dir and process group, so stopping it never touches other Ray instances
 (no global `ray stop`).
 """
 import json
 import os
-import shutil
-import secrets
-import signal
-import socket
 import subprocess
 import sys
 import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 
 import pytest
 import yaml
 
+from tests.ray_cluster import RayNodes
+
 REPO = Path(__file__).resolve().parents[1]
 VENV_BIN = Path(sys.executable).parent
 
 
-def _free_ports(n: int) -> list[int]:
-    """n distinct free ports: all sockets stay open until every port is chosen, or the OS may repeat one."""
-    socks = []
-    try:
-        for _ in range(n):
-            s = socket.socket()
-            s.bind(("127.0.0.1", 0))
-            socks.append(s)
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
-
-
 @pytest.fixture(scope="module")
 def ray_head(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("rayhead")
-    # Ray's temp dir path must stay short (unix socket paths are limited to ~107 bytes).
-    temp_dir = Path("/tmp") / f"dmrj-{os.getpid()}"
-    # Every port explicit: the defaults (e.g. the dashboard agent's 52365) collide with any other Ray on the host,
-    # including this test session's own local Ray.
-    gcs, dash, client, agent_http, agent_grpc, env_agent, metrics = _free_ports(7)
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    env["PATH"] = f"{VENV_BIN}{os.pathsep}{env.get('PATH', '')}"  # the job's `python` is this venv's
-    # Token auth as on a real cluster, with a token of our own so ~/.ray/auth_token is neither needed nor touched.
-    env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=secrets.token_hex(32))
-    log = open(tmp / "head.log", "w")
-    proc = subprocess.Popen(
-        [str(VENV_BIN / "ray"), "start", "--head", "--block", f"--port={gcs}", f"--dashboard-port={dash}",
-         "--dashboard-host=127.0.0.1", "--node-ip-address=127.0.0.1", f"--ray-client-server-port={client}",
-         f"--dashboard-agent-listen-port={agent_http}", f"--dashboard-agent-grpc-port={agent_grpc}",
-         f"--runtime-env-agent-port={env_agent}", f"--metrics-export-port={metrics}",
-         "--num-cpus=8", f"--temp-dir={temp_dir}", "--include-dashboard=true", "--disable-usage-stats"],
-        stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
-    address = f"http://127.0.0.1:{dash}"
-    deadline = time.time() + 300
-    while time.time() < deadline:
-        try:
-            urllib.request.urlopen(f"{address}/api/version", timeout=2)
-            break
-        except urllib.error.HTTPError:
-            break  # any HTTP answer means it is up (Ray 2.60 answers 401 without its auth token)
-        except OSError:
-            if proc.poll() is not None:
-                pytest.fail(f"ray head exited: {(tmp / 'head.log').read_text()[-2000:]}")
-            time.sleep(1)
-    else:
-        pytest.fail(f"ray head did not come up in 300 s: {(tmp / 'head.log').read_text()[-2000:]}")
-    yield address, env
-    os.killpg(proc.pid, signal.SIGTERM)
+    nodes = RayNodes(tmp_path_factory.mktemp("rayhead"), "dmrj")
     try:
-        proc.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-    shutil.rmtree(temp_dir, ignore_errors=True)
+        nodes.start_head(num_cpus=8, dashboard=True)
+        yield nodes.dashboard, nodes.env
+    finally:
+        nodes.stop()
 
 
 def _submit(address, env, entrypoint, timeout=600):
@@ -132,3 +82,36 @@ def test_submit_invalid_config_fails_with_exit_2(ray_head, tmp_path):
     assert r.returncode != 0
     out = r.stdout + r.stderr
     assert "invalid config field 'bogus_field': unknown key" in out and "failed" in out.lower()
+
+
+@pytest.mark.integration
+def test_submit_cpt_with_ray_train_then_merge(ray_head, tmp_path):
+    """Ray Train inside a job (the cpt stage on 2 CPU workers), then the merge stage's Ray task on its export."""
+    import pyarrow.parquet as pq
+
+    from definemed.data.sample import SAMPLE_WEB_DIR
+    from definemed.train.pack import pack_local
+
+    address, env = ray_head
+    packed = pack_local(pq.read_table(SAMPLE_WEB_DIR, columns=["text"]), "tiny://qwen2", tmp_path / "pack", 256)
+    cpt = {"output_dir": str(tmp_path / "cpt"), "model": "tiny://qwen2", "packed": str(packed),
+           "parallel": {"num_workers": 2, "cpus_per_worker": 1, "shard_group_size": 2},
+           "optim": {"lr": 1e-3}, "train": {"seq_len": 256, "global_batch_tokens": 1024, "max_steps": 2},
+           "checkpoint": {"every_steps": 2, "keep": 1, "max_failures": 0}}
+    (tmp_path / "cpt.yaml").write_text(yaml.safe_dump(cpt))
+    r = _submit(address, env, ["python", "-m", "jobs.cpt", "--config", str(tmp_path / "cpt.yaml")])
+    assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-2000:]
+    done = json.loads((tmp_path / "cpt" / "_DONE.json").read_text())
+    hf = Path(done["outputs"]["hf_model"])
+    assert (hf / "model.safetensors").exists()
+    assert json.loads(Path(done["outputs"]["summary"]).read_text())["steps"] == 2
+
+    merge = {"output_dir": str(tmp_path / "merge"), "model_a": "tiny://qwen2", "model_b": str(hf),
+             "method": "slerp", "t": {"self_attn": [0, 0.5, 1], "mlp": [1, 0.5, 0], "default": 0.5},
+             "resources": {"num_cpus": 1, "num_gpus": 0, "memory": "1GiB"}}
+    (tmp_path / "merge.yaml").write_text(yaml.safe_dump(merge))
+    r = _submit(address, env, ["python", "-m", "jobs.merge", "--config", str(tmp_path / "merge.yaml")])
+    assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-2000:]
+    done = json.loads((tmp_path / "merge" / "_DONE.json").read_text())
+    merged = Path(done["outputs"]["model"])
+    assert (merged / "mergekit_config.yml").exists() and list(merged.glob("*.safetensors"))

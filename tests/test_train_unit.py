@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import random
+from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -229,3 +230,22 @@ def test_document_separator_can_be_the_pretraining_eos(tiny_qwen2):
     assert toks.column("tokens").to_pylist()[0][-1] == sep
     with pytest.raises(ConfigError, match="eos_token"):
         separator_id(tok, "<|nope|>")
+
+
+@pytest.mark.parametrize("config,family", [("pack.yaml", "tiny://qwen2"), ("pack-mistral.yaml", "tiny://mistral")])
+def test_cluster_pack_configs_name_their_families_separator(config, family):
+    """Each cluster pack config chooses its model family's pre-training separator explicitly (tiny models share
+    their family's special tokens): Qwen2.5 <|endoftext|>, not the Instruct eos <|im_end|>; Mistral </s>."""
+    import yaml
+
+    from definemed.models import resolve_model
+    from definemed.train.pack import load_tokenizer, separator_id
+
+    cfg = yaml.safe_load((Path(__file__).resolve().parents[1] / "configs" / "cluster" / config).read_text())
+    assert cfg["eos_token"], config
+    tok = load_tokenizer(resolve_model(family))
+    sep = separator_id(tok, cfg["eos_token"])
+    if family == "tiny://qwen2":
+        assert tok.convert_ids_to_tokens(sep) == "<|endoftext|>" and sep != tok.eos_token_id
+    else:
+        assert sep == tok.eos_token_id

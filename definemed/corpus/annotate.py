@@ -93,15 +93,16 @@ def build_labeler(cfg: AnnotateConfig) -> Callable[["ray.data.Dataset"], "ray.da
     if cfg.backend == "vllm":
         from ray.data.llm import vLLMEngineProcessorConfig
 
-        from definemed.engine import engine_kwargs, placement_bundles, prepare_env
+        from definemed.engine import batch_engine_kwargs, engine_device, placement_group_config, prepare_env
         from definemed.models import resolve_model
 
-        prepare_env(cfg.engine)
+        device = engine_device(cfg.engine)  # from config and the cluster, never this driver's hardware
+        prepare_env(cfg.engine, device)
         pcfg = vLLMEngineProcessorConfig(
-            model_source=resolve_model(cfg.model), engine_kwargs=engine_kwargs(cfg.engine),
-            batch_size=cfg.batch_size, concurrency=cfg.replicas,
-            # CPU build: a CPU-only bundle (the default asks for a GPU and waits forever on a laptop).
-            placement_group_config={"bundles": placement_bundles(cfg.engine)},
+            model_source=resolve_model(cfg.model), engine_kwargs=batch_engine_kwargs(cfg.engine, device),
+            batch_size=cfg.batch_size, concurrency=cfg.replica_bounds(),
+            # One GPU per TP rank, or a CPU-only bundle (the default asks for a GPU and waits forever on a laptop).
+            placement_group_config=placement_group_config(cfg.engine, device),
             # A failing row (e.g. a prompt over max_model_len) must not kill 260k labels: it becomes
             # `unparsed` with its error recorded.
             should_continue_on_error=True)

@@ -41,7 +41,9 @@ class AnnotateConfig(_WebStage):
     backend: Literal["vllm", "http"] = "vllm"
     model: ModelInput = "tiny://qwen2"  # vLLM backend: tiny://..., a local path or a hub id
     engine: EngineConfig = EngineConfig(max_model_len=2048)
-    replicas: int = Field(1, ge=1)  # vLLM engine replicas (Ray Data actors)
+    min_replicas: int = Field(1, ge=1, description="vLLM engine replicas (Ray Data actors) started first")
+    max_replicas: int = Field(1, ge=1, description="Ray Data grows up to this many replicas while the cluster has "
+                                                   "free resources and work is queued (= min_replicas: fixed pool)")
     batch_size: int = Field(32, ge=1)
     max_tokens: int = Field(16, ge=4)  # must cover the longest label in tokens, or labels get cut
     http: HttpBackendConfig | None = None
@@ -55,6 +57,18 @@ class AnnotateConfig(_WebStage):
             known = sorted(p.stem.removeprefix("annotate_") for p in PROMPT_DIR.glob("annotate_*.txt"))
             raise ValueError(f"unknown prompt version '{v}', known: {known}")
         return v
+
+    @field_validator("max_replicas")
+    @classmethod
+    def _replica_bounds(cls, v: int, info: ValidationInfo) -> int:
+        lo = info.data.get("min_replicas")
+        if lo is not None and v < lo:
+            raise ValueError(f"must be >= min_replicas ({lo})")
+        return v
+
+    def replica_bounds(self) -> tuple[int, int]:
+        """ray.data.llm `concurrency`: always a (min, max) tuple, because an int n means 1..n there."""
+        return self.min_replicas, self.max_replicas
 
     @field_validator("http")
     @classmethod

@@ -56,7 +56,7 @@ def run_mc(cfg: EvalConfig, out: Path) -> list[dict]:
     import ray
     from tqdm import tqdm
 
-    from definemed.engine import is_cpu_build, placement_bundles
+    from definemed.engine import task_resources
     from definemed.eval.mc import build_prompts
     from definemed.models import resolve_model
 
@@ -80,11 +80,9 @@ def run_mc(cfg: EvalConfig, out: Path) -> list[dict]:
                 log.info("[mc] %s: reusing %s", name, f)
                 all_preds += saved["predictions"]
                 continue
-        bundles = placement_bundles(ref.engine)
-        opts: dict[str, Any] = {"num_cpus": 1} if is_cpu_build() else {
-            "num_gpus": sum(b.get("GPU", 0) for b in bundles), "num_cpus": 1}
-        task = ray.remote(max_retries=0, **opts)(_score_model)
-        preds = ray.get(task.remote(name, path, ref.engine.model_dump(), [it.model_dump() for it in items],
+        engine = ref.engine.resolve()  # CPU or GPU from config and the cluster; the task does not decide again
+        task = ray.remote(max_retries=0, **task_resources(engine))(_score_model)
+        preds = ray.get(task.remote(name, path, engine.model_dump(), [it.model_dump() for it in items],
                                     prompts, cfg.mc.scoring.model_dump(), cfg.mc.prompt.chat_template))
         if len(preds) != len(items):
             raise RuntimeError(f"[mc] {name}: {len(preds)} predictions for {len(items)} items")

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import logging
 import os
-import time
 from pathlib import Path
+from dataclasses import dataclass
 from typing import Any, Literal
 
 from pydantic import Field, ValidationInfo, field_validator
@@ -24,8 +24,9 @@ RUN_NAME = "cpt"
 
 class ParallelConfig(StrictModel):
     num_workers: int = Field(2, ge=1)
-    use_gpu: bool = False
-    accelerator_type: str | None = None  # e.g. "A100" (Ray's accelerator_type resource)
+    # auto: GPU workers if the Ray cluster has GPUs (definemed.resources); cluster configs say true
+    use_gpu: bool | Literal["auto"] = "auto"
+    accelerator_type: str | None = None  # e.g. "A100" (Ray's accelerator_type resource; GPU workers only)
     cpus_per_worker: float = Field(1.0, gt=0)
     # Workers per FSDP shard group; None = all workers (pure FSDP). 1 = pure replication. 8 = HSDP per node.
     shard_group_size: int | None = Field(None, ge=1)
@@ -108,20 +109,19 @@ class CptConfig(StageConfig):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# the train loop (runs in every Ray Train worker)
+# the train loop (runs in every Ray Train worker), one step per function
 
 
-def _attn_implementation(choice: str, device_type: str) -> str:
-    if choice != "auto":
-        return choice
-    if device_type == "cuda":
-        try:
-            import flash_attn  # noqa: F401
+@dataclass
+class Worker:
+    """This worker's place in the job."""
 
-            return "flash_attention_2"  # varlen kernel: packed documents without a dense mask
-        except ImportError:
-            pass
-    return "sdpa"
+    cfg: CptConfig
+    loop: dict[str, Any]
+    rank: int
+    world: int
+    device: Any  # torch.device
+    out: Path
 
 
 def _scalar(t) -> float:
@@ -130,115 +130,187 @@ def _scalar(t) -> float:
     return float(t.full_tensor() if isinstance(t, DTensor) else t)
 
 
-def train_loop_per_worker(loop: dict[str, Any]) -> None:
-    import json
-
+def setup_worker(loop: dict[str, Any]) -> Worker:
     import ray.train
     import ray.train.torch
     import torch
-    import torch.distributed as dist
-    from tqdm import tqdm
-    from transformers import AutoModelForCausalLM
-
-    from definemed.train.checkpoint import load_sharded, report_with_checkpoint, resume_dir
-    from definemed.train.dataloader import PackedDataLoader
-    from definemed.train.loss import count_targets, forward_logits, loss_sum
-    from definemed.train.lr_scheduler import build_lr_scheduler
-    from definemed.train.metrics import (BATCHES_FILE, METRICS_FILE, MetricsLog, device_peak_flops,
-                                         flops_per_token, step_metrics)
-    from definemed.train.parallelize import build_mesh, parallelize
 
     logging.getLogger("ray.train").setLevel(logging.WARNING)  # not one "Reporting training result" line per step
     cfg: CptConfig = loop["cfg"]
-    out = Path(loop["output_dir"])
     ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    device = ray.train.torch.get_device()
     torch.manual_seed(cfg.train.seed)
+    return Worker(cfg, loop, ctx.get_world_rank(), ctx.get_world_size(), ray.train.torch.get_device(),
+                  Path(loop["output_dir"]))
 
-    mesh = build_mesh(device.type, world, cfg.parallel.shard_group_size)
-    model = AutoModelForCausalLM.from_pretrained(
-        loop["model_path"], dtype=torch.float32,  # fp32 master weights; bf16 compute comes from the FSDP policy
-        attn_implementation=_attn_implementation(cfg.parallel.attn_implementation, device.type))
-    model.config.use_cache = False
-    n_params = sum(p.numel() for p in model.parameters())
+
+def build_model(w: Worker):
+    """The base model, read once by rank 0, sharded over the (replicate, shard) mesh; its FLOPs per token."""
+    from definemed.train.metrics import flops_per_token
+    from definemed.train.parallelize import build_mesh
+    from definemed.train.weights import load_base_model
+
+    mesh = build_mesh(w.device.type, w.world, w.cfg.parallel.shard_group_size)
+    model, info = load_base_model(w.loop["model_path"], mesh, w.device, w.rank, w.cfg.parallel)
+    n_params = sum(p.numel() for p in model.parameters())  # DTensor numel is the global one
     n_embed = model.get_input_embeddings().weight.numel()
-    flops_tok = flops_per_token(model.config, n_params, n_embed, cfg.train.seq_len)
-    peak = device_peak_flops(device.type, cfg.metrics.cpu_peak_tflops, cfg.metrics.gpu_peak_tflops)
-    parallelize(model, mesh, cfg.parallel.mixed_precision, cfg.parallel.activation_checkpointing)
+    info["flops_per_token"] = flops_per_token(model.config, n_params, n_embed, w.cfg.train.seq_len)
+    info["mesh"] = list(mesh.mesh.shape)
+    info["device"] = w.device.type
+    if w.rank == 0:
+        att = info["attention"]
+        print(f"[cpt] weights read once by rank 0 and broadcast into {w.world} shards; mesh {info['mesh']} on "
+              f"{w.device.type}; attention: {att['used']} ({att['why']})", flush=True)
     model.train()
+    return model, mesh, info
 
-    o = cfg.optim
+
+def build_optimizer(w: Worker, model):
+    import torch
+
+    from definemed.train.lr_scheduler import build_lr_scheduler
+
+    o = w.cfg.optim
     optimizer = torch.optim.AdamW(model.parameters(), lr=o.lr, betas=o.betas, eps=o.eps, weight_decay=o.weight_decay)
-    scheduler = build_lr_scheduler(optimizer, o.warmup_steps, cfg.train.max_steps, o.min_lr_ratio)
-    loader = PackedDataLoader(loop["shards"], dp_rank=rank, dp_world=world, grad_accum=cfg.grad_accum(),
-                              seed=cfg.train.seed)
+    return optimizer, build_lr_scheduler(optimizer, o.warmup_steps, w.cfg.train.max_steps, o.min_lr_ratio)
 
-    start, resumed_from = 0, None
-    # Rank 0 picks the resume point and everyone loads that same one.
-    pick = [str(resume_dir(ray.train.get_checkpoint(), loop["run_dir"]) or "") if rank == 0 else None]
+
+def resume(w: Worker, model, optimizer, scheduler, loader) -> tuple[int, int | None]:
+    """(first step to run, step resumed from). Rank 0 picks the checkpoint and everyone loads that same one; DCP
+    reshards when the mesh changed (e.g. 2 x 2 -> 1 x 4)."""
+    import ray.train
+    import torch.distributed as dist
+
+    from definemed.train.checkpoint import load_sharded, resume_dir
+
+    pick = [str(resume_dir(ray.train.get_checkpoint(), w.loop["run_dir"]) or "") if w.rank == 0 else None]
     dist.broadcast_object_list(pick, src=0)
-    if pick[0]:
-        state = load_sharded(pick[0], model, optimizer)
-        scheduler.load_state_dict(state["scheduler"])
-        start = loader.check_resume(state["data"])
-        resumed_from = state["step"]
-        if rank == 0:
-            print(f"[cpt] resumed from checkpoint at step {resumed_from} ({pick[0]})", flush=True)
-    mlog = MetricsLog(out / METRICS_FILE, start) if rank == 0 else None
+    if not pick[0]:
+        return 0, None
+    state = load_sharded(pick[0], model, optimizer)
+    scheduler.load_state_dict(state["scheduler"])
+    if w.rank == 0:
+        print(f"[cpt] resumed from checkpoint at step {state['step']} (mesh {state.get('mesh')}; now "
+              f"{w.cfg.parallel.num_workers // (w.cfg.parallel.shard_group_size or w.cfg.parallel.num_workers)} x "
+              f"{w.cfg.parallel.shard_group_size or w.cfg.parallel.num_workers}) ({pick[0]})", flush=True)
+    return loader.check_resume(state["data"]), state["step"]
 
-    hsdp = mesh.mesh.shape[0] > 1
-    fi = cfg.fault_injection
-    tokens_step = world * cfg.grad_accum() * cfg.train.seq_len
-    bar = tqdm(total=cfg.train.max_steps, initial=start, desc="cpt", unit="step", disable=rank != 0)
+
+def count_replica_all_reduces(model, mesh) -> list[int] | None:
+    """HSDP: a counter of the gradient all-reduces across replicas (FSDP2 calls the hook after each one)."""
+    if mesh.mesh.shape[0] == 1:
+        return None
+    calls = [0]
+
+    def hook(_reduced) -> None:
+        calls[0] += 1
+
+    model.set_all_reduce_hook(hook)  # the root's parameter group: one all-reduce per step when accumulation works
+    return calls
+
+
+def maybe_inject_fault(w: Worker, n: int) -> None:
+    fi = w.cfg.fault_injection
+    if fi is not None and w.rank == fi.rank and n == fi.step and not os.path.exists(fi.marker):
+        Path(fi.marker).write_text(f"worker {w.rank} killed at step {n}\n")
+        os._exit(1)  # a hard crash, not an exception: the worker process is gone
+
+
+def train_step(w: Worker, model, optimizer, scheduler, micro, hsdp: bool) -> dict[str, Any]:
+    """One optimizer step over this worker's grad_accum micro-batches; the loss is normalised by the target
+    tokens of the whole global batch."""
+    import torch
+    import torch.distributed as dist
+
+    from definemed.train.loss import count_targets, forward_logits, loss_sum
+
+    n_targets = torch.tensor(float(sum(count_targets(mb.labels) for mb in micro)), device=w.device)
+    dist.all_reduce(n_targets)
+    loss_acc = torch.zeros((), device=w.device)
+    for m, mb in enumerate(micro):
+        if hsdp:  # reduce-scatter every micro-batch, all-reduce across replicas once per step
+            model.set_requires_all_reduce(m == len(micro) - 1)
+        logits = forward_logits(model, mb.input_ids.to(w.device), mb.position_ids.to(w.device))
+        ls, _ = loss_sum(logits, mb.labels.to(w.device))
+        # FSDP averages gradients over the `world` replicas: scale so the result is sum / global targets.
+        (ls * w.world / n_targets).backward()
+        loss_acc += ls.detach()
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), w.cfg.optim.max_grad_norm)
+    lr = optimizer.param_groups[0]["lr"]  # the lr this step used
+    optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    dist.all_reduce(loss_acc)
+    return {"loss": float(loss_acc / n_targets), "lr": lr, "grad_norm": _scalar(grad_norm),
+            "target_tokens_step": int(n_targets)}
+
+
+def log_step(w: Worker, n: int, metrics: dict[str, Any], seq_ids, resumed_from, extra: dict[str, Any], mlog, bar):
+    import json
+
+    from definemed.train.metrics import BATCHES_FILE
+
+    mlog.write(metrics)
+    with (w.out / BATCHES_FILE).open("a", encoding="utf-8") as f:
+        f.write(json.dumps({"step": n, "seq_ids": seq_ids, "loss": metrics["loss"], "resumed_from": resumed_from,
+                            **extra}) + "\n")
+    bar.set_postfix(loss=f"{metrics['loss']:.3f}", tok_s=f"{metrics['tokens_per_s']:.0f}")
+    bar.update(1)
+
+
+def train_loop_per_worker(loop: dict[str, Any]) -> None:
+    import time
+
+    import ray.train
+    import torch.distributed as dist
+    from tqdm import tqdm
+
+    from definemed.train.checkpoint import report_with_checkpoint
+    from definemed.train.dataloader import PackedDataLoader
+    from definemed.train.metrics import METRICS_FILE, MetricsLog, device_peak_flops, step_metrics
+
+    w = setup_worker(loop)
+    cfg = w.cfg
+    model, mesh, info = build_model(w)
+    optimizer, scheduler = build_optimizer(w, model)
+    loader = PackedDataLoader(loop["shards"], dp_rank=w.rank, dp_world=w.world, grad_accum=cfg.grad_accum(),
+                              seed=cfg.train.seed)
+    start, resumed_from = resume(w, model, optimizer, scheduler, loader)
+    peak = device_peak_flops(w.device.type, cfg.metrics.cpu_peak_tflops, cfg.metrics.gpu_peak_tflops)
+    replica_all_reduces = count_replica_all_reduces(model, mesh)
+    mlog = MetricsLog(w.out / METRICS_FILE, start) if w.rank == 0 else None
+    tokens_step = w.world * cfg.grad_accum() * cfg.train.seq_len
+    bar = tqdm(total=cfg.train.max_steps, initial=start, desc="cpt", unit="step", disable=w.rank != 0)
     for step in range(start, cfg.train.max_steps):
         n = step + 1  # 1-based optimizer step, as reported
-        if fi is not None and rank == fi.rank and n == fi.step and not os.path.exists(fi.marker):
-            Path(fi.marker).write_text(f"worker {rank} killed at step {n}\n")
-            os._exit(1)  # a hard crash, not an exception: the worker process is gone
+        maybe_inject_fault(w, n)
         t0 = time.perf_counter()
         micro = loader.step_batches(step)
-        n_targets = torch.tensor(float(sum(count_targets(mb.labels) for mb in micro)), device=device)
-        dist.all_reduce(n_targets)
-        loss_acc = torch.zeros((), device=device)
-        for m, mb in enumerate(micro):
-            if hsdp:  # reduce-scatter every micro-batch, all-reduce across replicas once per step
-                model.set_requires_all_reduce(m == len(micro) - 1)
-            logits = forward_logits(model, mb.input_ids.to(device), mb.position_ids.to(device))
-            ls, _ = loss_sum(logits, mb.labels.to(device))
-            # FSDP averages gradients over the `world` replicas: scale so the result is sum / global targets.
-            (ls * world / n_targets).backward()
-            loss_acc += ls.detach()
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), o.max_grad_norm)
-        lr = optimizer.param_groups[0]["lr"]  # the lr this step used
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        dist.all_reduce(loss_acc)
-        seq_ids: list[list[int]] = [None] * world  # type: ignore[list-item]
+        before = replica_all_reduces[0] if replica_all_reduces else 0
+        res = train_step(w, model, optimizer, scheduler, micro, hsdp=replica_all_reduces is not None)
+        seq_ids: list[list[int]] = [None] * w.world  # type: ignore[list-item]
         dist.all_gather_object(seq_ids, [mb.seq_id for mb in micro])
-        dt = time.perf_counter() - t0
-
-        metrics = step_metrics(step=n, loss=float(loss_acc / n_targets), lr=lr,
-                               grad_norm=_scalar(grad_norm), step_time_s=dt, tokens_step=tokens_step,
-                               target_tokens_step=int(n_targets), world_size=world, flops_token=flops_tok,
-                               peak_flops=peak)
-        if rank == 0:
-            mlog.write(metrics)
-            with (out / BATCHES_FILE).open("a", encoding="utf-8") as f:
-                f.write(json.dumps({"step": n, "seq_ids": seq_ids, "loss": metrics["loss"],
-                                    "resumed_from": resumed_from}) + "\n")
-            bar.set_postfix(loss=f"{metrics['loss']:.3f}", tok_s=f"{metrics['tokens_per_s']:.0f}")
-            bar.update(1)
+        metrics = step_metrics(step=n, step_time_s=time.perf_counter() - t0, tokens_step=tokens_step,
+                               world_size=w.world, flops_token=info["flops_per_token"], peak_flops=peak, **res)
+        extra = {"replica_all_reduces": replica_all_reduces[0] - before} if replica_all_reduces else {}
+        if w.rank == 0:
+            log_step(w, n, metrics, seq_ids, resumed_from, extra, mlog, bar)
         if n % cfg.checkpoint.every_steps == 0 or n == cfg.train.max_steps:
             train_state = None
-            if rank == 0:
+            if w.rank == 0:
                 train_state = {"step": n, "scheduler": scheduler.state_dict(), "data": loader.state_dict(n),
-                               "mesh": list(mesh.mesh.shape), "model": cfg.model}
+                               "mesh": info["mesh"], "model": cfg.model, "device": info["device"],
+                               "attention": info["attention"],
+                               "mixed_precision": mixed_precision_used(cfg.parallel.mixed_precision, w.device.type)}
             report_with_checkpoint(metrics, n, model, optimizer, train_state)
         else:
             ray.train.report(metrics)
     bar.close()
+
+
+def mixed_precision_used(mode: str, device_type: str) -> str:
+    from definemed.train.parallelize import uses_bf16
+
+    return "bf16 params/compute, fp32 reduce" if uses_bf16(mode, device_type) else "fp32"
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -276,18 +348,28 @@ def _check_tokenizer(stats: dict[str, Any], model_path: str, cfg: CptConfig) -> 
                           f"({stats['tokenizer']}), whose vocabulary differs from model {cfg.model}")
 
 
+def scaling_config(cfg: CptConfig, resources: dict[str, float] | None = None):
+    """Ray Train workers: GPU or CPU from `parallel.use_gpu` and the cluster (`resources`, default the connected
+    one), never from the driver's hardware."""
+    from ray.train import ScalingConfig
+
+    from definemed.resources import resolve_device
+
+    p = cfg.parallel
+    gpu = resolve_device(p.use_gpu, resources) == "gpu"
+    return ScalingConfig(num_workers=p.num_workers, use_gpu=gpu, resources_per_worker={"CPU": p.cpus_per_worker},
+                         accelerator_type=p.accelerator_type if gpu else None)
+
+
 def build_trainer(cfg: CptConfig, model_path: str):
     from ray.train import CheckpointConfig as RayCheckpointConfig
-    from ray.train import FailureConfig, RunConfig, ScalingConfig
+    from ray.train import FailureConfig, RunConfig
     from ray.train.torch import TorchTrainer
 
     from definemed.train.pack import SHARDS_DIR
 
     out = Path(cfg.output_dir).resolve()  # workers may not share the driver's cwd
-    p = cfg.parallel
-    resources = {"CPU": p.cpus_per_worker}
-    scaling = ScalingConfig(num_workers=p.num_workers, use_gpu=p.use_gpu, resources_per_worker=resources,
-                            accelerator_type=p.accelerator_type)
+    scaling = scaling_config(cfg)
     run_config = RunConfig(
         name=RUN_NAME, storage_path=str(out / "ray"),  # same name + storage: a restarted job resumes
         failure_config=FailureConfig(max_failures=cfg.checkpoint.max_failures),
@@ -329,17 +411,20 @@ def run(cfg: CptConfig) -> dict[str, str]:
     write_csv(rows, out / METRICS_CSV)
     tiny = " (tiny random model: the numbers prove the code path only)" if cfg.model.startswith("tiny://") else ""
     plot_loss_curve(rows, out / LOSS_PNG, f"CPT {cfg.model}{tiny}")
+    ran = {"device": state.get("device"), "mesh": state.get("mesh"), "attention": state.get("attention"),
+           "mixed_precision": state.get("mixed_precision")}  # what the workers actually used
     hf_dir = export_hf(ckpt_dir, model_path, out / HF_MODEL_DIR, cfg.export_dtype, cfg,
                        lineage_inputs={"base_model": model_path, "packed": cfg.packed},
-                       extra={"step": state["step"], "final_loss": rows[-1]["loss"] if rows else None})
+                       extra={"step": state["step"], "final_loss": rows[-1]["loss"] if rows else None, **ran})
     summary = {
         "steps": state["step"],
         "first_loss": rows[0]["loss"] if rows else None,
         "final_loss": rows[-1]["loss"] if rows else None,
         "mean_tokens_per_s": sum(r["tokens_per_s"] for r in rows[1:] or rows) / max(1, len(rows[1:] or rows)),
         "mean_mfu": sum(r["mfu"] for r in rows[1:] or rows) / max(1, len(rows[1:] or rows)),
-        "mfu_note": "CPU peak is an estimate (metrics.cpu_peak_tflops)" if not cfg.parallel.use_gpu else
-                    "GPU dense bf16 peak",
+        "mfu_note": "GPU dense bf16 peak" if state.get("device") == "cuda" else
+                    "CPU peak is an estimate (metrics.cpu_peak_tflops)",
+        **ran,
         "checkpoint": str(ckpt_dir),
         "padding_fraction": stats["padding_fraction"],
     }

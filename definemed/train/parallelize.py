@@ -31,13 +31,18 @@ def build_mesh(device_type: str, world_size: int, shard_group_size: int | None):
     return init_device_mesh(device_type, shape, mesh_dim_names=("dp_replicate", "dp_shard"))
 
 
+def uses_bf16(mode: MixedPrecision, device_type: str) -> bool:
+    """auto: bf16 on GPU, fp32 on CPU (bf16 matmuls are slow there and the tiny-model numbers should be exact);
+    bf16 forces the GPU policy on CPU workers too, which is how CI runs the GPU code path."""
+    return mode == "bf16" or (mode == "auto" and device_type == "cuda")
+
+
 def mp_policy(mode: MixedPrecision, device_type: str):
-    """bf16 compute with fp32 gradient reduction on GPU; plain fp32 on CPU (bf16 matmuls are slow there and
-    the tiny-model numbers should be exact)."""
+    """bf16 parameters and compute with fp32 gradient reduction (fp32 master weights stay in the optimizer's
+    shards), or plain fp32."""
     from torch.distributed.fsdp import MixedPrecisionPolicy
 
-    use_bf16 = mode == "bf16" or (mode == "auto" and device_type == "cuda")
-    if use_bf16:
+    if uses_bf16(mode, device_type):
         return MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
     return MixedPrecisionPolicy()
 
