@@ -166,7 +166,7 @@ def test_decontam_catches_items_shorter_than_13_words_whole():
     idx = build_index([("mmlu/52", short), ("tiny", "Was ist Fieber?")], n=13, min_item_words=8)
     assert idx.info()["items_by_rule"] == {"ngram": 0, "whole_item": 1} and idx.too_short == 1
     doc = ("Quiz zur Gerinnung: welches Enzym wird durch PHENPROCOUMON gehemmt? – Vitamin-K-Epoxid-Reduktase, "
-           "Thrombin, 1) Faktor Xa. Auflösung morgen.")  # case, punctuation and layout do not matter
+           "Thrombin; Faktor Xa. Auflösung morgen.")  # case, punctuation and layout do not matter
     assert idx.match_rule(doc) == ("mmlu/52", "whole_item")
     partial = "Welches Enzym wird durch Phenprocoumon gehemmt? Das erklärt der Apotheker."
     assert idx.match_rule(partial) is None  # the whole item, not a part of it
@@ -179,8 +179,8 @@ def test_words_are_one_definition_for_filter_decontam_and_failure_modes():
     from definemed.text import word_count, words
 
     text = "Ein 54-jähriger Patient erhielt 2,5 mg/kg Magen-Darm-Mittel."
-    assert words(text) == ["Ein", "jähriger", "Patient", "erhielt", "mg", "kg", "Magen-Darm-Mittel"]
-    assert failure_modes.words is words and failure_modes.word_count(text) == word_count(text) == 7
+    assert words(text) == ["Ein", "54-jähriger", "Patient", "erhielt", "2", "5", "mg", "kg", "Magen-Darm-Mittel"]
+    assert failure_modes.words is words and failure_modes.word_count(text) == word_count(text) == 9
     assert decontam.words(text) == [w.lower() for w in words(text)]
 
 
