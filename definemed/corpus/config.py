@@ -112,6 +112,9 @@ class FuzzyDedupConfig(StrictModel):
 
 class FilterConfig(_WebStage):
     classifier: InputPath  # an HF model directory (the classify-train stage's model/)
+    # classifier: the model above in an actor pool (the study). keywords: a medical-stem density score with no
+    # model, for dry runs and the scale benchmark only; its keep decisions are crude.
+    scorer: Literal["classifier", "keywords"] = "classifier"
     threshold: float = Field(0.9, gt=0, lt=1)
     min_actors: int = Field(1, ge=1)  # autoscaling scorer pool (Ray Data ActorPoolStrategy)
     max_actors: int = Field(2, ge=1)

@@ -22,7 +22,7 @@ import logging
 import math
 import shutil
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterable
+from typing import TYPE_CHECKING, Any, Callable, Iterable
 
 from definemed.corpus.config import FilterConfig
 
@@ -67,8 +67,10 @@ def scorer_stage(ds: "ray.data.Dataset", model_dir: str, cfg: FilterConfig) -> "
     removes idle ones down to min_actors."""
     from ray.data import ActorPoolStrategy
 
-    from definemed.corpus.score import Scorer
+    from definemed.corpus.score import Scorer, keyword_score
 
+    if cfg.scorer == "keywords":
+        return ds.map_batches(keyword_score, batch_format="pyarrow")
     threads = cfg.torch_threads or max(1, int(cfg.num_cpus_per_actor))
     return ds.map_batches(Scorer, batch_size=cfg.batch_size, batch_format="pyarrow",
                           compute=ActorPoolStrategy(min_size=cfg.min_actors, max_size=cfg.max_actors),
@@ -81,7 +83,8 @@ def score_key(cfg: FilterConfig) -> dict[str, Any]:
     """What the scores depend on: a `scored/` dir with another key is recomputed, never reused."""
     from definemed.lineage import hash_path
 
-    return {"source": cfg.source.model_dump(mode="json"), "classifier": hash_path(cfg.classifier),
+    return {"source": cfg.source.model_dump(mode="json"), "scorer": cfg.scorer,
+            "classifier": hash_path(cfg.classifier) if cfg.scorer == "classifier" else None,
             "threshold": cfg.threshold, "max_length": cfg.max_length, "max_text_chars": cfg.max_text_chars}
 
 
@@ -115,8 +118,15 @@ def sum_stats(blocks: Iterable["pa.Table"]) -> dict[str, int]:
     return total
 
 
-def run_blocks(ds: "ray.data.Dataset") -> dict[str, int]:
-    return sum_stats(ds.iter_batches(batch_format="pyarrow", batch_size=None))
+def run_blocks(ds: "ray.data.Dataset", progress: Callable[[int], None] | None = None) -> dict[str, int]:
+    """Execute a pipeline that ends in a per-block writer; `progress(docs)` is called as each block lands."""
+    def blocks():
+        for b in ds.iter_batches(batch_format="pyarrow", batch_size=None):
+            if progress is not None:
+                progress(int(sum(b.column("docs").to_pylist())) if "docs" in b.column_names else 0)
+            yield b
+
+    return sum_stats(blocks())
 
 
 def parquet_counts(path: Path, null_column: str | None = None) -> tuple[int, int]:
@@ -211,7 +221,8 @@ def drop_docs(batch: "pa.Table", removed) -> "pa.Table":
 # ------------------------------------------------------------------------------------------------ the passes
 
 
-def score_pass(cfg: FilterConfig, scored_dir: Path, quarantine_dir: Path, key: dict[str, Any] | None = None) -> dict:
+def score_pass(cfg: FilterConfig, scored_dir: Path, quarantine_dir: Path, key: dict[str, Any] | None = None,
+               progress: Callable[[int], None] | None = None) -> dict:
     from definemed.corpus.ingest import read_valid, reset_quarantine
     from definemed.io import atomic_dir, atomic_write_json
 
@@ -221,7 +232,7 @@ def score_pass(cfg: FilterConfig, scored_dir: Path, quarantine_dir: Path, key: d
     ds = ds.map_batches(mark_kept, batch_format="pyarrow", fn_kwargs={"threshold": cfg.threshold})
     with atomic_dir(scored_dir, overwrite=True) as tmp:
         stats = run_blocks(ds.map_batches(write_scored, batch_format="pyarrow", batch_size=None,
-                                          fn_kwargs={"out_dir": str(tmp)}))
+                                          fn_kwargs={"out_dir": str(tmp)}), progress)
         atomic_write_json(tmp / "_STATS.json", stats)
         atomic_write_json(tmp / "_SCORED.json", key or score_key(cfg))
     return stats
@@ -327,10 +338,13 @@ def clean_pass(cfg: FilterConfig, scored_dir: Path, out_dir: Path) -> dict[str, 
 # ------------------------------------------------------------------------------------------------ the report
 
 
-def demo_note(classifier: str, source_docs: int) -> str:
+def demo_note(classifier: str, source_docs: int, scorer: str = "classifier") -> str:
     """The caveat printed beside the study's figures: this run's numbers are not the study's."""
     tiny = (Path(classifier) / "TINY_MODEL.md").exists()
     parts = []
+    if scorer == "keywords":
+        parts.append("Scored with the keyword stand-in, not the classifier: the kept set is a crude keyword cut.")
+        tiny = False
     if tiny:
         parts.append("The classifier is a tiny randomly initialised model: which documents it keeps is noise, so "
                      "the kept fractions below carry no meaning.")

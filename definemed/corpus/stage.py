@@ -185,10 +185,15 @@ def run_filter(cfg: FilterConfig) -> dict[str, str]:
             and json.loads(marker.read_text(encoding="utf-8")) == key):
         _say(f"[filter] reusing scores in {scored}")
     else:  # absent, or left by a killed run with another source/classifier/threshold
-        filt.score_pass(cfg, scored, q_dir, key)
+        from tqdm import tqdm
+
+        from definemed.data.loaders import count_web_rows
+
+        with tqdm(total=count_web_rows(cfg.source), desc="[filter] scoring", unit="doc") as bar:
+            filt.score_pass(cfg, scored, q_dir, key, progress=bar.update)
     stats = filt.clean_pass(cfg, scored, out)
     q = quarantine_counts(str(q_dir))
-    note = filt.demo_note(cfg.classifier, stats["scored_docs"] + q.get("total", 0))
+    note = filt.demo_note(cfg.classifier, stats["scored_docs"] + q.get("total", 0), cfg.scorer)
     table, md = filt.stats_table(stats, q, cfg.threshold, note=note or None)
     atomic_write_json(out / "stats.json", {**table, "steps": stats, "quarantine": q,
                                            "threshold": cfg.threshold,
