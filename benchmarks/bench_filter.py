@@ -10,7 +10,7 @@ Start-up is reported apart from steady state:
 - loop: model load = building the Scorer; steady state = documents / time spent scoring them;
 - Ray: the pass reports each written block as it lands; steady state = documents after the first block / time
   from the first block to the last; start-up (actor start + model load + first block) = time to the first block
-  minus that block's share at the steady rate. The corpus is split into many small files so blocks are small.
+  minus that block's share at the steady rate. Blocks are `--block-rows` rows (the stage's `block_rows`).
 Targets: Ray steady state >= 0.9x the loop on the same cores; per-actor docs/s flat from 1 to 2 actors. Each actor
 gets 1 CPU and 1 torch thread; the loop gets all cores (torch's default threads). Numbers on a loaded machine are
 provisional; the load average is printed with them.
@@ -64,7 +64,8 @@ def ray_pass(src: Path, model_dir: str, args, min_a: int, max_a: int, work: Path
 
     cfg = FilterConfig(output_dir=str(work), source={"path": str(src), "columns": {"url": None}},
                        classifier=model_dir, threshold=0.9, min_actors=min_a, max_actors=max_a,
-                       batch_size=args.batch_size, max_length=args.max_length, micro_batch=args.micro_batch)
+                       batch_size=args.batch_size, max_length=args.max_length, micro_batch=args.micro_batch,
+                       block_rows=args.block_rows, torch_threads=args.torch_threads)
     marks: list[tuple[float, int]] = []
     t0 = time.perf_counter()
     score_pass(cfg, work / f"scored-{min_a}-{max_a}", work / f"quarantine-{min_a}-{max_a}",
@@ -83,6 +84,8 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--max-length", type=int, default=256)
     ap.add_argument("--micro-batch", type=int, default=None, help="length-sorted chunks inside a batch (both sides)")
+    ap.add_argument("--block-rows", type=int, default=512, help="rows per block into the actor pool")
+    ap.add_argument("--torch-threads", type=int, default=None, help="torch threads per actor (default: its 1 CPU)")
     ap.add_argument("--model", default="tiny://xlm-roberta", help="classifier: tiny://xlm-roberta or an HF dir")
     ap.add_argument("--num-cpus", type=int, default=8, help="logical CPUs of the local Ray (the demo oversubscribes 2 cores)")
     args = ap.parse_args()
@@ -96,7 +99,7 @@ def main() -> None:
     try:
         src = work / "src"
         make_corpus(args.docs, src)
-        print(f"corpus: {args.docs} docs in 64 files, batch {args.batch_size}, max_length {args.max_length}, "
+        print(f"corpus: {args.docs} docs in 64 files, blocks of {args.block_rows} rows, batch {args.batch_size}, max_length {args.max_length}, "
               f"micro-batch {args.micro_batch}, model {args.model}, cores {os.cpu_count()}, "
               f"load average {os.getloadavg()[0]:.1f}", flush=True)
         loop = single_process(src, model_dir, args.batch_size, args.max_length, args.micro_batch)

@@ -122,6 +122,8 @@ class FilterConfig(_WebStage):
     max_length: int = Field(256, ge=8)
     num_cpus_per_actor: float = Field(1.0, gt=0)
     num_gpus_per_actor: float = Field(0.0, ge=0)
+    # Rows per block into the scorer pool: many small blocks keep every actor busy and the stats streaming.
+    block_rows: int = Field(2048, ge=1)
     # Score only: a torch thread count per actor (None = the actor's CPUs) and length-sorted micro-batches.
     torch_threads: int | None = Field(None, ge=1)
     micro_batch: int | None = Field(None, ge=1)

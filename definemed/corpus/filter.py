@@ -228,6 +228,8 @@ def score_pass(cfg: FilterConfig, scored_dir: Path, quarantine_dir: Path, key: d
 
     reset_quarantine(str(quarantine_dir))
     ds = read_valid(cfg.source, str(quarantine_dir), cfg.max_text_chars)
+    # Streaming split (no shuffle): Parquet files can be one block each, more than an actor's fair share.
+    ds = ds.repartition(target_num_rows_per_block=cfg.block_rows)
     ds = scorer_stage(ds, str(Path(cfg.classifier).resolve()), cfg)
     ds = ds.map_batches(mark_kept, batch_format="pyarrow", fn_kwargs={"threshold": cfg.threshold})
     with atomic_dir(scored_dir, overwrite=True) as tmp:
