@@ -42,6 +42,24 @@ def make_corpus(n_docs: int, out: Path, files: int = 64) -> None:
                            out / f"part-{f:03d}.parquet")
 
 
+def shaped_model(shape: str, tokenizer_dir: str, out: Path) -> str:
+    """A randomly initialised classifier with a real model's shape (same FLOPs per token), for throughput only:
+    its scores mean nothing. Uses the tiny model's tokenizer; at max_length 512 nearly every FineWeb2-sized
+    document fills the window either way."""
+    from transformers import AutoTokenizer, XLMRobertaConfig, XLMRobertaForSequenceClassification
+
+    shapes = {"xlm-roberta-base": dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12,
+                                       intermediate_size=3072),
+              "xlm-roberta-large": dict(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16,
+                                        intermediate_size=4096)}
+    cfg = XLMRobertaConfig(vocab_size=250002, max_position_embeddings=514, type_vocab_size=1, num_labels=2,
+                           id2label={0: "non_medical", 1: "medical"}, label2id={"non_medical": 0, "medical": 1},
+                           **shapes[shape])
+    XLMRobertaForSequenceClassification(cfg).save_pretrained(out)
+    AutoTokenizer.from_pretrained(tokenizer_dir).save_pretrained(out)
+    return str(out)
+
+
 def single_process(src: Path, model_dir: str, batch_size: int, max_length: int, micro_batch: int | None) -> dict:
     import pyarrow.parquet as pq
 
@@ -87,6 +105,8 @@ def main() -> None:
     ap.add_argument("--block-rows", type=int, default=512, help="rows per block into the actor pool")
     ap.add_argument("--torch-threads", type=int, default=None, help="torch threads per actor (default: its 1 CPU)")
     ap.add_argument("--model", default="tiny://xlm-roberta", help="classifier: tiny://xlm-roberta or an HF dir")
+    ap.add_argument("--model-shape", choices=["xlm-roberta-base", "xlm-roberta-large"], default=None,
+                    help="score with a random model of this shape (throughput only) instead of --model")
     ap.add_argument("--num-cpus", type=int, default=8, help="logical CPUs of the local Ray (the demo oversubscribes 2 cores)")
     args = ap.parse_args()
 
@@ -97,6 +117,9 @@ def main() -> None:
     model_dir = resolve_model(args.model)
     work = Path(tempfile.mkdtemp(prefix="bench_filter_"))
     try:
+        if args.model_shape:
+            model_dir = shaped_model(args.model_shape, model_dir, work / "shaped")
+            args.model = f"random {args.model_shape}"
         src = work / "src"
         make_corpus(args.docs, src)
         print(f"corpus: {args.docs} docs in 64 files, blocks of {args.block_rows} rows, batch {args.batch_size}, max_length {args.max_length}, "
@@ -118,6 +141,11 @@ def main() -> None:
               f"{two / loop['steady']:.2f}x (target >= 0.9x)")
         print(f"RESULT steady state, autoscaling pool vs loop: {res['ray, autoscale 1..2']['steady'] / loop['steady']:.2f}x")
         print(f"RESULT per-actor docs/s, 1 -> 2 actors: {one:.1f} -> {two / 2:.1f} ({two / 2 / one:.2f}x; flat = 1.0)")
+        per_actor = two / 2
+        print(f"PROJECTION FineWeb2-de (427.7M docs) at {per_actor:.1f} docs/s per actor, efficiency 0.9: "
+              + ", ".join(f"{n * a} actors {427.7e6 / (n * a * per_actor * 0.9) / 3600:,.1f} h"
+                          for n, a in ((1, 4), (8, 4), (64, 4)))
+              + " (meaningful only for the target hardware and model shape; see docs/benchmarks.md)")
         print(f"load average at the end: {os.getloadavg()[0]:.1f}")
     finally:
         shutil.rmtree(work, ignore_errors=True)
