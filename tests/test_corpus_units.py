@@ -45,6 +45,24 @@ def test_bundled_malformed_file_is_quarantined_except_the_control_row(tmp_path):
     assert quarantine_counts(str(tmp_path))["total"] == len(df) - 1
 
 
+def test_arrow_batches_are_quarantined_by_the_same_rule(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from definemed.corpus.ingest import quarantine_batch, quarantine_counts
+    from definemed.data.sample import SAMPLE_MALFORMED
+
+    table = pq.read_table(SAMPLE_MALFORMED)  # text is a binary column here
+    good = quarantine_batch(table, str(tmp_path / "a"), max_chars=200_000)
+    assert isinstance(good, pa.Table) and good.schema.field("text").type == pa.string()
+    assert good.column("malformed_kind").to_pylist() == ["ok"]
+    pandas_side = tmp_path / "p"
+    quarantine_batch(table.to_pandas(), str(pandas_side), max_chars=200_000)
+    assert quarantine_counts(str(tmp_path / "a")) == quarantine_counts(str(pandas_side))
+    clean = pa.table({"id": ["x", "y"], "text": ["gut", "auch gut"]})
+    assert quarantine_batch(clean, str(tmp_path / "c"), max_chars=100) is clean  # passes through untouched
+
+
 # ------------------------------------------------------------------------------------------------ annotate
 
 
