@@ -104,17 +104,22 @@ def _tax_id_valid(s: str) -> bool:
     return idnr.is_valid(s)
 
 
-def _sub_valid(rx: re.Pattern, tag: str, ok: Callable[[str], bool], text: str) -> tuple[str, int]:
+def _sub_if(rx: re.Pattern, tag: str, text: str, keep: Callable[[re.Match], bool]) -> tuple[str, int]:
+    """Replace each whole match for which `keep` holds; count the replacements."""
     n = 0
 
     def repl(m: re.Match) -> str:
         nonlocal n
-        if ok(m.group(0)):
-            n += 1
-            return tag
-        return m.group(0)
+        if not keep(m):
+            return m.group(0)
+        n += 1
+        return tag
 
     return rx.sub(repl, text), n
+
+
+def _sub_valid(rx: re.Pattern, tag: str, ok: Callable[[str], bool], text: str) -> tuple[str, int]:
+    return _sub_if(rx, tag, text, lambda m: ok(m.group(0)))
 
 
 def _sub_group(rx: re.Pattern, tag: str, text: str, keep: Callable[[re.Match], bool] = lambda m: True) -> tuple[str, int]:
@@ -165,19 +170,6 @@ def _is_city(m: re.Match) -> bool:
     return m.group(2).split()[0].rstrip(".,") not in _NOT_CITY
 
 
-def _plz_city(text: str) -> tuple[str, int]:
-    n = 0
-
-    def repl(m: re.Match) -> str:
-        nonlocal n
-        if not _is_city(m):
-            return m.group(0)
-        n += 1
-        return TAGS["address"]
-
-    return PLZ_CITY_RE.sub(repl, text), n
-
-
 def redact(text: str) -> tuple[str, dict[str, int]]:
     """(redacted text, count per kind). Every kind in KINDS has a count, zero when absent."""
     c: dict[str, int] = {}
@@ -191,7 +183,7 @@ def redact(text: str) -> tuple[str, dict[str, int]]:
     text, c["date_of_birth"] = _sub_group(DOB_RE, TAGS["date_of_birth"], text)
     text, c["phone"] = PHONE_RE.subn(TAGS["phone"], text)
     text, n_street = STREET_RE.subn(TAGS["address"], text)
-    text, n_plz = _plz_city(text)
+    text, n_plz = _sub_if(PLZ_CITY_RE, TAGS["address"], text, _is_city)
     c["address"] = n_street + n_plz
     text, c["name"] = _sub_group(NAME_RE, TAGS["name"], text, _is_name)
     return text, {k: c[k] for k in KINDS}
