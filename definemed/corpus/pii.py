@@ -104,8 +104,9 @@ def _tax_id_valid(s: str) -> bool:
     return idnr.is_valid(s)
 
 
-def _sub_if(rx: re.Pattern, tag: str, text: str, keep: Callable[[re.Match], bool]) -> tuple[str, int]:
-    """Replace each whole match for which `keep` holds; count the replacements."""
+def _sub_if(rx: re.Pattern, tag: str, text: str, keep: Callable[[re.Match], bool] = lambda m: True,
+            keep_cue: bool = False) -> tuple[str, int]:
+    """Replace each match for which `keep` holds (only group 2 with `keep_cue`: group 1 is the cue and stays)."""
     n = 0
 
     def repl(m: re.Match) -> str:
@@ -113,27 +114,13 @@ def _sub_if(rx: re.Pattern, tag: str, text: str, keep: Callable[[re.Match], bool
         if not keep(m):
             return m.group(0)
         n += 1
-        return tag
+        return (m.group(1) if keep_cue else "") + tag
 
     return rx.sub(repl, text), n
 
 
 def _sub_valid(rx: re.Pattern, tag: str, ok: Callable[[str], bool], text: str) -> tuple[str, int]:
     return _sub_if(rx, tag, text, lambda m: ok(m.group(0)))
-
-
-def _sub_group(rx: re.Pattern, tag: str, text: str, keep: Callable[[re.Match], bool] = lambda m: True) -> tuple[str, int]:
-    """Replace group 2 (the PII) and keep group 1 (its cue)."""
-    n = 0
-
-    def repl(m: re.Match) -> str:
-        nonlocal n
-        if not keep(m):
-            return m.group(0)
-        n += 1
-        return m.group(1) + tag
-
-    return rx.sub(repl, text), n
 
 
 # International non-proprietary name stems: "der Patient Dexamethason 10 mg" names a drug, not a person.
@@ -180,12 +167,12 @@ def redact(text: str) -> tuple[str, dict[str, int]]:
     text, n4 = IPV4_RE.subn(TAGS["ip"], text)
     text, n6 = IPV6_RE.subn(TAGS["ip"], text)
     c["ip"] = n4 + n6
-    text, c["date_of_birth"] = _sub_group(DOB_RE, TAGS["date_of_birth"], text)
+    text, c["date_of_birth"] = _sub_if(DOB_RE, TAGS["date_of_birth"], text, keep_cue=True)
     text, c["phone"] = PHONE_RE.subn(TAGS["phone"], text)
     text, n_street = STREET_RE.subn(TAGS["address"], text)
     text, n_plz = _sub_if(PLZ_CITY_RE, TAGS["address"], text, _is_city)
     c["address"] = n_street + n_plz
-    text, c["name"] = _sub_group(NAME_RE, TAGS["name"], text, _is_name)
+    text, c["name"] = _sub_if(NAME_RE, TAGS["name"], text, _is_name, keep_cue=True)
     return text, {k: c[k] for k in KINDS}
 
 
