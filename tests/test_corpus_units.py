@@ -283,3 +283,16 @@ def test_partial_runs_from_another_config_are_refused_not_mixed(tmp_path):
     check_resumable(ann, "tiny://qwen2", "aaa", str(tmp_path))
     with pytest.raises(ConfigError, match="output_dir"):
         check_resumable(ann, "/models/Mixtral", "aaa", str(tmp_path))
+
+
+def test_length_sorted_micro_batches_return_scores_in_input_order(tiny_xlmr):
+    import pyarrow as pa
+
+    from definemed.corpus.score import Scorer
+
+    texts = ["kurz", "ein deutlich längerer Text über Blutdruck und Herzfrequenz", "mittel lang", "Fieber " * 30]
+    plain = Scorer(tiny_xlmr, max_length=64)
+    chunked = Scorer(tiny_xlmr, max_length=64, micro_batch=2, torch_threads=1)
+    assert np.allclose(plain.score_texts(texts), chunked.score_texts(texts), atol=1e-6)
+    out = chunked(pa.table({"id": ["a", "b", "c", "d"], "text": texts}))
+    assert out.column_names == ["id", "text", "score"] and out.num_rows == 4

@@ -18,7 +18,7 @@ class Scorer:
     per actor. `score` is appended to the batch (Arrow or pandas).
 
     `torch_threads` pins intra-op threads: an actor given 1 CPU by Ray must not run a thread per core, or actors
-    sharing a node fight over the cores. `micro_batch` splits a batch into length-sorted chunks so each chunk
+    sharing a node fight over the cores. On a GPU the forward pass runs under bf16 autocast. `micro_batch` splits a batch into length-sorted chunks so each chunk
     pads only to its own longest text (scores are returned in input order)."""
 
     def __init__(self, model_dir: str, max_length: int = 256, device: str | None = None,
@@ -40,7 +40,9 @@ class Scorer:
         import torch
 
         enc = self.tok(texts, truncation=True, max_length=self.max_length, padding=True, return_tensors="pt")
-        with torch.inference_mode():
+        # bf16 autocast on GPUs (tensor cores); CPU scores stay fp32, so the demo's thresholds do not move
+        gpu = str(self.device).startswith("cuda")
+        with torch.inference_mode(), torch.autocast("cuda", dtype=torch.bfloat16, enabled=gpu):
             logits = self.model(**{k: v.to(self.device) for k, v in enc.items()}).logits
         return torch.softmax(logits.float(), dim=-1)[:, self.pos].cpu().tolist()
 
