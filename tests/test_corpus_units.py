@@ -292,7 +292,7 @@ def test_length_sorted_micro_batches_return_scores_in_input_order(tiny_xlmr):
 
     texts = ["kurz", "ein deutlich längerer Text über Blutdruck und Herzfrequenz", "mittel lang", "Fieber " * 30]
     plain = Scorer(tiny_xlmr, max_length=64)
-    chunked = Scorer(tiny_xlmr, max_length=64, micro_batch=2, torch_threads=1)
+    chunked = Scorer(tiny_xlmr, max_length=64, micro_batch=2)
     assert np.allclose(plain.score_texts(texts), chunked.score_texts(texts), atol=1e-6)
     out = chunked(pa.table({"id": ["a", "b", "c", "d"], "text": texts}))
     assert out.column_names == ["id", "text", "score"] and out.num_rows == 4
