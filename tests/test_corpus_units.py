@@ -45,6 +45,24 @@ def test_bundled_malformed_file_is_quarantined_except_the_control_row(tmp_path):
     assert quarantine_counts(str(tmp_path))["total"] == len(df) - 1
 
 
+def test_arrow_batches_are_quarantined_by_the_same_rule(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from definemed.corpus.ingest import quarantine_batch, quarantine_counts
+    from definemed.data.sample import SAMPLE_MALFORMED
+
+    table = pq.read_table(SAMPLE_MALFORMED)  # text is a binary column here
+    good = quarantine_batch(table, str(tmp_path / "a"), max_chars=200_000)
+    assert isinstance(good, pa.Table) and good.schema.field("text").type == pa.string()
+    assert good.column("malformed_kind").to_pylist() == ["ok"]
+    pandas_side = tmp_path / "p"
+    quarantine_batch(table.to_pandas(), str(pandas_side), max_chars=200_000)
+    assert quarantine_counts(str(tmp_path / "a")) == quarantine_counts(str(pandas_side))
+    clean = pa.table({"id": ["x", "y"], "text": ["gut", "auch gut"]})
+    assert quarantine_batch(clean, str(tmp_path / "c"), max_chars=100) is clean  # passes through untouched
+
+
 # ------------------------------------------------------------------------------------------------ annotate
 
 
@@ -140,10 +158,10 @@ def test_pii_redaction_counts_and_spares_look_alikes():
     text = ("Kontakt: dr.mueller@klinik-beispiel.de, Tel. +49 30 1234567 oder (030) 123 456 78, mobil "
             "0171-1234567, Fax 089/12 34 56. Server 192.168.0.1 und 2001:db8::1.")
     red, c = redact(text)
-    assert c == {"email": 1, "phone": 4, "ip": 2}
+    assert {k: v for k, v in c.items() if v} == {"email": 1, "phone": 4, "ip": 2}
     assert "@" not in red and "1234567" not in red and "192.168" not in red
-    benign = "Am 01.02.2023 um 12:30 Uhr, PLZ 01067 Dresden, 2,5 mg/kg, ICD I10.9, Klade 2.3.4.4b, Seite 12-15."
-    assert redact(benign) == (benign, {"email": 0, "ip": 0, "phone": 0})
+    benign = "Am 01.02.2023 um 12:30 Uhr, 2,5 mg/kg, ICD I10.9, Klade 2.3.4.4b, Seite 12-15."
+    assert redact(benign) == (benign, {k: 0 for k in c})
 
 
 def test_decontam_matches_13_gram_overlap_only():
@@ -152,11 +170,44 @@ def test_decontam_matches_13_gram_overlap_only():
     item = ("Ein 54-jähriger Patient stellt sich mit akuten retrosternalen Schmerzen vor, die in den linken Arm "
             "ausstrahlen. Welche Diagnose ist am wahrscheinlichsten?")
     idx = build_index([("mmlu/1", item), ("short", "Was ist Fieber?")], n=13)
-    assert idx.too_short == 1 and idx.items == 2
+    assert idx.too_short == 1 and idx.items == 2 and idx.info()["items_by_rule"] == {"ngram": 1, "whole_item": 0}
     w = words(item)
     doc = "Blog. " + " ".join(w[2:15]).upper() + " Mehr dazu morgen."  # 13 words, case-insensitive
     assert idx.match(doc) == "mmlu/1"
     assert idx.match("Ein Patient mit Schmerzen im Arm. " + " ".join(w[2:14])) is None  # 12 < 13 words
+
+
+def test_decontam_catches_items_shorter_than_13_words_whole():
+    from definemed.corpus.decontam import build_index
+
+    short = "Welches Enzym wird durch Phenprocoumon gehemmt?\nVitamin-K-Epoxid-Reduktase\nThrombin\nFaktor Xa"
+    idx = build_index([("mmlu/52", short), ("tiny", "Was ist Fieber?")], n=13, min_item_words=8)
+    assert idx.info()["items_by_rule"] == {"ngram": 0, "whole_item": 1} and idx.too_short == 1
+    doc = ("Quiz zur Gerinnung: welches Enzym wird durch PHENPROCOUMON gehemmt? – Vitamin-K-Epoxid-Reduktase, "
+           "Thrombin; Faktor Xa. Auflösung morgen.")  # case, punctuation and layout do not matter
+    assert idx.match_rule(doc) == ("mmlu/52", "whole_item")
+    partial = "Welches Enzym wird durch Phenprocoumon gehemmt? Das erklärt der Apotheker."
+    assert idx.match_rule(partial) is None  # the whole item, not a part of it
+    assert idx.match("Was ist Fieber? Fieber ist eine erhöhte Körpertemperatur.") is None  # too short to match
+
+
+def test_words_are_one_definition_for_filter_decontam_and_failure_modes():
+    from definemed.corpus import decontam
+    from definemed.eval import failure_modes
+    from definemed.text import word_count, words
+
+    text = "Ein 54-jähriger Patient erhielt 2,5 mg/kg Magen-Darm-Mittel."
+    assert words(text) == ["Ein", "54-jähriger", "Patient", "erhielt", "2", "5", "mg", "kg", "Magen-Darm-Mittel"]
+    assert failure_modes.words is words and failure_modes.word_count(text) == word_count(text) == 9
+    assert decontam.words(text) == [w.lower() for w in words(text)]
+
+
+def test_pack_uses_the_ingest_definition_of_malformed_text():
+    from definemed.corpus.malformed import malformed_reason
+    from definemed.train import pack
+
+    for value in (None, "", " \n\u00a0", b"\xff\xfe", 17, "gut"):
+        assert pack.bad_text_reason(value) == malformed_reason(value)
 
 
 def test_content_hash_ignores_whitespace_layout_only():
@@ -197,6 +248,8 @@ def test_stats_table_reports_study_numbers():
     table, md = stats_table(stats, {"empty": 2, "total": 2}, 0.9)
     assert table["source"] == {"docs": 12, "words": 1000} and table["filtered"] == {"docs": 2, "words": 180}
     assert "427.7M" in md and "7.3M" in md and "16.67%" in md
+    _, md = stats_table(stats, {"total": 2}, 0.9, note="This run read 12 documents")
+    assert "> **This run read 12 documents**" in md.splitlines()[2]
 
 
 def test_invalid_corpus_config_exits_2_naming_the_field(tmp_path):
@@ -230,3 +283,16 @@ def test_partial_runs_from_another_config_are_refused_not_mixed(tmp_path):
     check_resumable(ann, "tiny://qwen2", "aaa", str(tmp_path))
     with pytest.raises(ConfigError, match="output_dir"):
         check_resumable(ann, "/models/Mixtral", "aaa", str(tmp_path))
+
+
+def test_length_sorted_micro_batches_return_scores_in_input_order(tiny_xlmr):
+    import pyarrow as pa
+
+    from definemed.corpus.score import Scorer
+
+    texts = ["kurz", "ein deutlich längerer Text über Blutdruck und Herzfrequenz", "mittel lang", "Fieber " * 30]
+    plain = Scorer(tiny_xlmr, max_length=64)
+    chunked = Scorer(tiny_xlmr, max_length=64, micro_batch=2)
+    assert np.allclose(plain.score_texts(texts), chunked.score_texts(texts), atol=1e-6)
+    out = chunked(pa.table({"id": ["a", "b", "c", "d"], "text": texts}))
+    assert out.column_names == ["id", "text", "score"] and out.num_rows == 4

@@ -79,7 +79,7 @@ def test_pack_stage_pads_less_than_naive_and_quarantines_bad_rows(packed_qwen2, 
     assert stats["padding_fraction"] < 0.015, stats  # target < 1% at seq_len 4096; 256 is harder
     assert stats["naive_padding_fraction"] > 10 * stats["padding_fraction"]
     q = pq.read_table(packed_qwen2 / "quarantine.parquet").to_pylist()
-    assert sorted(r["reason"] for r in q) == ["empty_text", "missing_text"]
+    assert sorted(r["reason"] for r in q) == ["null_text", "whitespace"]
     assert stats["quarantined_rows"] == 2 and all(r["id"].startswith("d") for r in q)  # whole rows kept
     rows = [r for f in sorted((packed_qwen2 / "shards").glob("*.parquet")) for r in pq.read_table(f).to_pylist()]
     assert len(rows) == stats["sequences"]

@@ -77,21 +77,13 @@ def shuffle_labels(df: "pd.DataFrame", seed: int) -> "pd.DataFrame":
 # ------------------------------------------------------------------------------------------------ train loop
 
 
-def train_loop_per_worker(config: dict[str, Any]) -> None:
-    import json
-    import tempfile
-
-    import ray.train
+def _setup(config: dict[str, Any]):
+    """Tokenizer, DDP-wrapped model, device, optimizer and linear warmup schedule."""
     import ray.train.torch
     import torch
-    import torch.distributed as dist
     from transformers import AutoModelForSequenceClassification, AutoTokenizer, get_linear_schedule_with_warmup
 
-    from definemed.corpus.metrics import fbeta, prf
-
     torch.manual_seed(config["seed"])
-    ctx = ray.train.get_context()
-    rank = ctx.get_world_rank()
     tok = AutoTokenizer.from_pretrained(config["model_dir"])
     model = AutoModelForSequenceClassification.from_pretrained(
         config["model_dir"], num_labels=2, id2label=ID2LABEL, label2id=LABEL2ID, ignore_mismatched_sizes=True)
@@ -100,6 +92,72 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     opt = torch.optim.AdamW(model.parameters(), lr=config["lr"], weight_decay=config["weight_decay"])
     total = config["steps_per_epoch"] * config["epochs"]
     sched = get_linear_schedule_with_warmup(opt, int(config["warmup_ratio"] * total), total)
+    return tok, model, device, opt, sched
+
+
+def _train_epoch(model, ds, encode, opt, sched, device, config: dict[str, Any], epoch: int) -> list[float]:
+    import torch
+
+    model.train()
+    losses = []
+    for b in ds.iter_batches(batch_size=config["batch_size"], batch_format="numpy",
+                             local_shuffle_buffer_size=4 * config["batch_size"],
+                             local_shuffle_seed=config["seed"] + epoch):
+        out = model(**encode(b["text"]), labels=torch.as_tensor(b["label"], device=device))
+        out.loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step(), sched.step(), opt.zero_grad()
+        losses.append(out.loss.item())
+    return losses
+
+
+def _validate(model, ds, encode, device, threshold: float):
+    """tp, fp, fn, loss sum and n over this worker's validation shard, all-reduced over workers."""
+    import torch
+    import torch.distributed as dist
+
+    model.eval()
+    c = torch.zeros(5, dtype=torch.float64)
+    with torch.inference_mode():
+        for b in ds.iter_batches(batch_size=64, batch_format="numpy"):
+            y_t = torch.as_tensor(b["label"], device=device)
+            logits = model(**encode(b["text"])).logits.float()
+            p = torch.softmax(logits, -1)[:, 1].cpu().numpy()
+            pred, y = p >= threshold, b["label"].astype(bool)
+            loss_sum = torch.nn.functional.cross_entropy(logits, y_t, reduction="sum").item()
+            c += torch.tensor([(pred & y).sum(), (pred & ~y).sum(), (~pred & y).sum(), loss_sum, len(y)],
+                              dtype=torch.float64)
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(c)
+    return c
+
+
+def _report(model, tok, metrics: dict, improved: bool, rank: int) -> None:
+    """Checkpoint only on improvement: the latest checkpoint is always the best one."""
+    import tempfile
+
+    import ray.train
+
+    if improved and rank == 0:
+        with tempfile.TemporaryDirectory() as tmp:
+            inner = model.module if hasattr(model, "module") else model
+            inner.save_pretrained(tmp, safe_serialization=True)
+            tok.save_pretrained(tmp)
+            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+    else:
+        ray.train.report(metrics)
+
+
+def train_loop_per_worker(config: dict[str, Any]) -> None:
+    import json
+
+    import ray.train
+
+    from definemed.corpus.metrics import fbeta, prf
+    from definemed.io import atomic_write_text
+
+    rank = ray.train.get_context().get_world_rank()
+    tok, model, device, opt, sched = _setup(config)
     train_ds, val_ds = ray.train.get_dataset_shard("train"), ray.train.get_dataset_shard("val")
 
     def encode(texts):
@@ -109,54 +167,20 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     best, since_best = (-1.0, -math.inf), 0
     history: list[dict] = []
     for epoch in range(config["epochs"]):
-        model.train()
-        losses = []
-        for b in train_ds.iter_batches(batch_size=config["batch_size"], batch_format="numpy",
-                                       local_shuffle_buffer_size=4 * config["batch_size"],
-                                       local_shuffle_seed=config["seed"] + epoch):
-            out = model(**encode(b["text"]), labels=torch.as_tensor(b["label"], device=device))
-            out.loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            opt.step(), sched.step(), opt.zero_grad()
-            losses.append(out.loss.item())
-        model.eval()
-        c = torch.zeros(5, dtype=torch.float64)  # tp, fp, fn, loss sum, n over this worker's validation shard
-        with torch.inference_mode():
-            for b in val_ds.iter_batches(batch_size=64, batch_format="numpy"):
-                y_t = torch.as_tensor(b["label"], device=device)
-                logits = model(**encode(b["text"])).logits.float()
-                p = torch.softmax(logits, -1)[:, 1].cpu().numpy()
-                pred, y = p >= config["threshold"], b["label"].astype(bool)
-                loss_sum = torch.nn.functional.cross_entropy(logits, y_t, reduction="sum").item()
-                c += torch.tensor([(pred & y).sum(), (pred & ~y).sum(), (~pred & y).sum(), loss_sum, len(y)],
-                                  dtype=torch.float64)
-        if dist.is_available() and dist.is_initialized():
-            dist.all_reduce(c)
+        losses = _train_epoch(model, train_ds, encode, opt, sched, device, config, epoch)
+        c = _validate(model, val_ds, encode, device, config["threshold"])
         tp, fp, fn = (int(x) for x in c[:3].tolist())
         score, val_loss = fbeta(tp, fp, fn, config["beta"]), float(c[3] / max(c[4], 1))
         metrics = {"epoch": epoch + 1, "train_loss": float(np.mean(losses)) if losses else math.nan,
                    "val_loss": val_loss, "val_fbeta": score, **{f"val_{k}": v for k, v in prf(tp, fp, fn).items()}}
-        # F-beta at the threshold decides; while it is tied (typically 0.0 before any score reaches 0.9) a
-        # lower validation loss counts as progress, so patience does not run out before learning starts.
         history.append(dict(metrics))
         if rank == 0:  # Result.metrics holds only the best checkpoint's metrics; keep every epoch's
-            from definemed.io import atomic_write_text
-
             atomic_write_text(config["history_path"], json.dumps(history, indent=1))
+        # F-beta at the threshold decides; while it is tied (typically 0.0 before any score reaches 0.9) a
+        # lower validation loss counts as progress, so patience does not run out before learning starts.
         improved = (score, -val_loss) > best
-        if improved:
-            best, since_best = (score, -val_loss), 0
-        else:
-            since_best += 1
-        # Checkpoint only on improvement: the latest checkpoint is always the best one.
-        if improved and rank == 0:
-            with tempfile.TemporaryDirectory() as tmp:
-                inner = model.module if hasattr(model, "module") else model
-                inner.save_pretrained(tmp, safe_serialization=True)
-                tok.save_pretrained(tmp)
-                ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
-        else:
-            ray.train.report(metrics)
+        best, since_best = ((score, -val_loss), 0) if improved else (best, since_best + 1)
+        _report(model, tok, metrics, improved, rank)
         if since_best >= config["patience"]:
             break  # every rank sees the same all-reduced score, so all stop together
 

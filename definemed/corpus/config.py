@@ -105,12 +105,27 @@ class ClassifyConfig(StageConfig):
 class DecontamConfig(StrictModel):
     enabled: bool = True
     ngram: int = Field(13, ge=3)
+    # Items shorter than `ngram` words but at least this long are matched whole; shorter ones are counted only.
+    min_item_words: int = Field(8, ge=1)
     mc: list[MCSourceConfig] = []
     prompts: list[InputPath] = []
 
 
+class FuzzyDedupConfig(StrictModel):
+    """MinHash LSH near-duplicate removal (word n-gram shingles, bands x rows permutations, 64-bit hashes)."""
+
+    enabled: bool = True
+    ngram: int = Field(5, ge=1)  # word n-gram shingles
+    bands: int = Field(14, ge=1)  # 14 x 8 = 112 permutations: candidate pairs from Jaccard ~0.72 (datatrove)
+    rows: int = Field(8, ge=1)
+    seed: int = 1  # permutation seed: fixed so a rerun removes the same documents
+
+
 class FilterConfig(_WebStage):
     classifier: InputPath  # an HF model directory (the classify-train stage's model/)
+    # classifier: the model above in an actor pool (the study). keywords: a medical-stem density score with no
+    # model, for dry runs and the scale benchmark only; its keep decisions are crude.
+    scorer: Literal["classifier", "keywords"] = "classifier"
     threshold: float = Field(0.9, gt=0, lt=1)
     min_actors: int = Field(1, ge=1)  # autoscaling scorer pool (Ray Data ActorPoolStrategy)
     max_actors: int = Field(2, ge=1)
@@ -118,7 +133,16 @@ class FilterConfig(_WebStage):
     max_length: int = Field(256, ge=8)
     num_cpus_per_actor: float = Field(1.0, gt=0)
     num_gpus_per_actor: float = Field(0.0, ge=0)
+    # Rows per block into the scorer pool: many small blocks keep every actor busy and the stats streaming.
+    block_rows: int = Field(2048, ge=1)
+    # Score only: a torch thread count per actor (None = the actor's CPUs) and length-sorted micro-batches.
+    torch_threads: int | None = Field(None, ge=1)
+    micro_batch: int | None = Field(None, ge=1)
     dedup: bool = True
+    fuzzy_dedup: FuzzyDedupConfig = FuzzyDedupConfig()
+    # Hash partitions of the dedup shuffles; None: one per `rows_per_partition` rows (at least 1).
+    shuffle_partitions: int | None = Field(None, ge=1)
+    rows_per_partition: int = Field(100_000, ge=1)
     decontam: DecontamConfig = DecontamConfig()
     pii: bool = True
 

@@ -1,26 +1,38 @@
 """Filter at scale: score every document with the classifier in an autoscaling Ray Data actor pool, keep
-score >= threshold, then exact dedup, decontamination and PII redaction; write FineMed-de and its stats.
+score >= threshold, then exact dedup, fuzzy dedup (MinHash LSH), decontamination and PII redaction; write
+FineMed-de and its stats.
 
-Two passes, each written atomically so a killed job resumes at the second one:
+Everything streams: the driver never holds the corpus or the kept set and nothing is materialised. Each pass
+writes one Parquet file per block into a temporary directory that is renamed into place when the pass
+succeeds (atomic at the directory level), and returns one row of stats per block, which the driver sums.
+Document counts come from the Parquet footers.
+
   A. source -> ingest/quarantine -> Scorer actor pool -> `scored/` (id, score, words for every document; text
      only where kept, so the not-kept 98% costs a few bytes a row and re-thresholding upward needs no rescoring)
-  B. `scored/` -> kept -> dedup -> decontam -> PII -> `finemed_de/` (text, score, id) + stats.
+  B. `scored/` kept rows -> exact dedup (hash shuffle) -> `deduped/`
+  C. `deduped/` -> MinHash LSH -> near-duplicate set (the only thing collected on the driver: documents that
+     have a near-duplicate) -> drop, decontaminate, redact PII -> `finemed_de/` (text, score, id) + stats.
+A killed job resumes at B when `scored/` is complete for the same source, classifier and threshold.
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
+import math
+import shutil
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Callable, Iterable
 
 from definemed.corpus.config import FilterConfig
 
 if TYPE_CHECKING:
-    import pandas as pd
     import pyarrow as pa
     import ray.data
 
 log = logging.getLogger(__name__)
 STUDY = {"source": {"docs": 427.7e6, "words": 234.8e9}, "filtered": {"docs": 7.3e6, "words": 5.1e9}}
+FINAL_COLUMNS = ("text", "score", "id")
 
 
 def scored_schema() -> "pa.Schema":
@@ -29,15 +41,25 @@ def scored_schema() -> "pa.Schema":
     return pa.schema([("id", pa.string()), ("score", pa.float64()), ("words", pa.int64()), ("text", pa.string())])
 
 
-def mark_kept(df: "pd.DataFrame", threshold: float) -> "pa.Table":
-    """Keep the text only for kept documents; explicit schema so all-dropped batches still line up."""
+def final_schema() -> "pa.Schema":
     import pyarrow as pa
 
-    kept = df["score"] >= threshold
-    return pa.Table.from_pydict({
-        "id": df["id"].astype(str).tolist(), "score": df["score"].astype(float).tolist(),
-        "words": [len(t.split()) for t in df["text"]],
-        "text": [t if k else None for t, k in zip(df["text"], kept)]}, schema=scored_schema())
+    return pa.schema([("text", pa.string()), ("score", pa.float64()), ("id", pa.string())])
+
+
+def mark_kept(batch: "pa.Table", threshold: float) -> "pa.Table":
+    """Keep the text only for kept documents; explicit schema so all-dropped batches still line up."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    from definemed.text import word_count
+
+    score = batch.column("score").cast(pa.float64())
+    text = batch.column("text").cast(pa.string())
+    kept = pc.greater_equal(score, threshold)
+    return pa.table({"id": batch.column("id").cast(pa.string()), "score": score,
+                     "words": pa.array([word_count(t) for t in text.to_pylist()], type=pa.int64()),
+                     "text": pc.if_else(kept, text, pa.scalar(None, pa.string()))}, schema=scored_schema())
 
 
 def scorer_stage(ds: "ray.data.Dataset", model_dir: str, cfg: FilterConfig) -> "ray.data.Dataset":
@@ -45,11 +67,15 @@ def scorer_stage(ds: "ray.data.Dataset", model_dir: str, cfg: FilterConfig) -> "
     removes idle ones down to min_actors."""
     from ray.data import ActorPoolStrategy
 
-    from definemed.corpus.score import Scorer
+    from definemed.corpus.score import Scorer, keyword_score
 
-    return ds.map_batches(Scorer, batch_size=cfg.batch_size, batch_format="pandas",
+    if cfg.scorer == "keywords":
+        return ds.map_batches(keyword_score, batch_format="pyarrow")
+    threads = cfg.torch_threads or max(1, int(cfg.num_cpus_per_actor))
+    return ds.map_batches(Scorer, batch_size=cfg.batch_size, batch_format="pyarrow",
                           compute=ActorPoolStrategy(min_size=cfg.min_actors, max_size=cfg.max_actors),
-                          fn_constructor_kwargs={"model_dir": model_dir, "max_length": cfg.max_length},
+                          fn_constructor_kwargs={"model_dir": model_dir, "max_length": cfg.max_length,
+                                                 "torch_threads": threads, "micro_batch": cfg.micro_batch},
                           num_cpus=cfg.num_cpus_per_actor, num_gpus=cfg.num_gpus_per_actor or None)
 
 
@@ -57,109 +83,282 @@ def score_key(cfg: FilterConfig) -> dict[str, Any]:
     """What the scores depend on: a `scored/` dir with another key is recomputed, never reused."""
     from definemed.lineage import hash_path
 
-    return {"source": cfg.source.model_dump(mode="json"), "classifier": hash_path(cfg.classifier),
+    return {"source": cfg.source.model_dump(mode="json"), "scorer": cfg.scorer,
+            "classifier": hash_path(cfg.classifier) if cfg.scorer == "classifier" else None,
             "threshold": cfg.threshold, "max_length": cfg.max_length, "max_text_chars": cfg.max_text_chars}
 
 
-def score_pass(cfg: FilterConfig, scored_dir: Path, quarantine_dir: Path, key: dict[str, Any] | None = None) -> None:
+# ------------------------------------------------------------------------------------------------ per-block I/O
+
+
+def part_name(batch: "pa.Table", column: str = "id") -> str:
+    """A name from the block's rows: a retried task rewrites its own file instead of adding a duplicate."""
+    h = hashlib.sha1("\n".join(map(str, batch.column(column).to_pylist())).encode("utf-8")).hexdigest()[:20]
+    return f"part-{h}.parquet"
+
+
+def _write(table: "pa.Table", out_dir: str, name: str) -> None:
+    from definemed.io import write_parquet_atomic
+
+    write_parquet_atomic(table, Path(out_dir) / name)
+
+
+def _stats_row(**counts: int) -> "pa.Table":
+    import pyarrow as pa
+
+    return pa.table({k: pa.array([int(v)], type=pa.int64()) for k, v in counts.items()})
+
+
+def sum_stats(blocks: Iterable["pa.Table"]) -> dict[str, int]:
+    """Sum the per-block stats rows; the driver sees one small row per block, never the data."""
+    total: dict[str, int] = {}
+    for b in blocks:
+        for k in b.column_names:
+            total[k] = total.get(k, 0) + int(sum(v or 0 for v in b.column(k).to_pylist()))
+    return total
+
+
+def run_blocks(ds: "ray.data.Dataset", progress: Callable[[int], None] | None = None) -> dict[str, int]:
+    """Execute a pipeline that ends in a per-block writer; `progress(docs)` is called as each block lands."""
+    def blocks():
+        for b in ds.iter_batches(batch_format="pyarrow", batch_size=None):
+            if progress is not None:
+                progress(int(sum(b.column("docs").to_pylist())) if "docs" in b.column_names else 0)
+            yield b
+
+    return sum_stats(blocks())
+
+
+def parquet_counts(path: Path, null_column: str | None = None) -> tuple[int, int]:
+    """(rows, nulls in null_column) of a Parquet directory from the footers only."""
+    import pyarrow.parquet as pq
+
+    rows = nulls = 0
+    for f in sorted(Path(path).glob("*.parquet")):
+        md = pq.ParquetFile(f).metadata
+        rows += md.num_rows
+        if null_column is None:
+            continue
+        idx = md.schema.names.index(null_column)
+        for g in range(md.num_row_groups):
+            st = md.row_group(g).column(idx).statistics
+            if st is None or not st.has_null_count:  # pyarrow always writes it; another writer may not
+                import pyarrow.compute as pc
+
+                col = pq.read_table(f, columns=[null_column]).column(null_column)
+                nulls += int(pc.sum(pc.is_null(col)).as_py() or 0)
+                break
+            nulls += st.null_count
+    return rows, nulls
+
+
+def write_scored(batch: "pa.Table", out_dir: str) -> "pa.Table":
+    import pyarrow.compute as pc
+
+    kept = pc.is_valid(batch.column("text"))
+    words = batch.column("words")
+    if batch.num_rows:
+        _write(batch, out_dir, part_name(batch))
+    return _stats_row(docs=batch.num_rows, words=pc.sum(words).as_py() or 0,
+                      kept_docs=pc.sum(kept.cast("int64")).as_py() or 0,
+                      kept_words=pc.sum(pc.if_else(kept, words, 0)).as_py() or 0)
+
+
+def write_rows(batch: "pa.Table", out_dir: str) -> "pa.Table":
+    if batch.num_rows:
+        _write(batch, out_dir, part_name(batch))
+    return _stats_row(docs=batch.num_rows)
+
+
+def write_final(batch: "pa.Table", out_dir: str, removed_dir: str) -> "pa.Table":
+    """FineMed-de rows to out_dir, contaminated (id, contaminated_by) to removed_dir; one stats row."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    from definemed.corpus.pii import KINDS
+    from definemed.text import word_count
+
+    if "contaminated_by" in batch.column_names:
+        dirty = pc.is_valid(batch.column("contaminated_by"))
+        removed = batch.filter(dirty)
+        clean = batch.filter(pc.invert(dirty))
+    else:
+        removed, clean = batch.slice(0, 0), batch
+    if removed.num_rows:
+        _write(removed.select(["id", "contaminated_by"]), removed_dir, part_name(removed))
+    if clean.num_rows:
+        _write(clean.select(list(FINAL_COLUMNS)).cast(final_schema()), out_dir, part_name(clean))
+    rules = removed.column("contaminated_rule").to_pylist() if removed.num_rows else []
+    pii = {f"pii_{k}": (pc.sum(clean.column(f"pii_{k}")).as_py() or 0) if f"pii_{k}" in clean.column_names else 0
+           for k in KINDS}
+    return _stats_row(docs=batch.num_rows, contaminated=removed.num_rows,
+                      contaminated_ngram=rules.count("ngram"), contaminated_whole_item=rules.count("whole_item"),
+                      final_docs=clean.num_rows,
+                      final_words=sum(word_count(t) for t in clean.column("text").to_pylist()), **pii)
+
+
+_REFS: dict[str, Any] = {}
+
+
+def _fetch(ref):
+    """An ObjectRef fetched once per worker process, not shipped with every task."""
+    import ray
+
+    key = ref.hex()
+    if key not in _REFS:
+        _REFS.clear()
+        _REFS[key] = ray.get(ref)
+    return _REFS[key]
+
+
+def drop_docs(batch: "pa.Table", removed) -> "pa.Table":
+    """Drop the near-duplicates (content hashes in `removed`, an ObjectRef to a pyarrow array)."""
+    import pyarrow.compute as pc
+
+    return batch.filter(pc.invert(pc.is_in(batch.column("content_hash"), value_set=_fetch(removed))))
+
+
+# ------------------------------------------------------------------------------------------------ the passes
+
+
+def score_pass(cfg: FilterConfig, scored_dir: Path, quarantine_dir: Path, key: dict[str, Any] | None = None,
+               progress: Callable[[int], None] | None = None) -> dict:
     from definemed.corpus.ingest import read_valid, reset_quarantine
-    from definemed.io import atomic_dir
+    from definemed.io import atomic_dir, atomic_write_json
 
     reset_quarantine(str(quarantine_dir))
     ds = read_valid(cfg.source, str(quarantine_dir), cfg.max_text_chars)
+    # Streaming split (no shuffle): Parquet files can be one block each, more than an actor's fair share.
+    ds = ds.repartition(target_num_rows_per_block=cfg.block_rows)
     ds = scorer_stage(ds, str(Path(cfg.classifier).resolve()), cfg)
-    ds = ds.map_batches(mark_kept, batch_format="pandas", fn_kwargs={"threshold": cfg.threshold})
-    from definemed.io import atomic_write_json
-
+    ds = ds.map_batches(mark_kept, batch_format="pyarrow", fn_kwargs={"threshold": cfg.threshold})
     with atomic_dir(scored_dir, overwrite=True) as tmp:
-        ds.write_parquet(str(tmp))
+        stats = run_blocks(ds.map_batches(write_scored, batch_format="pyarrow", batch_size=None,
+                                          fn_kwargs={"out_dir": str(tmp)}), progress)
+        atomic_write_json(tmp / "_STATS.json", stats)
         atomic_write_json(tmp / "_SCORED.json", key or score_key(cfg))
-
-
-def _kept_only(df: "pd.DataFrame") -> "pd.DataFrame":
-    from definemed.corpus.dedup import add_hash
-
-    return add_hash(df[df["text"].notna()])
-
-
-def _summary(df: "pd.DataFrame") -> "pd.DataFrame":
-    import pandas as pd
-
-    clean = df["contaminated_by"].isna() if "contaminated_by" in df.columns else pd.Series(True, index=df.index)
-    return pd.DataFrame([{
-        "docs": len(df), "contaminated": int((~clean).sum()),
-        "final_docs": int(clean.sum()), "final_words": int(sum(len(t.split()) for t in df.loc[clean, "text"])),
-        **{k: int(df.loc[clean, k].sum()) if k in df.columns else 0 for k in ("pii_email", "pii_ip", "pii_phone")},
-    }])
-
-
-def _final(df: "pd.DataFrame") -> "pa.Table":
-    import pyarrow as pa
-
-    if "contaminated_by" in df.columns:
-        df = df[df["contaminated_by"].isna()]
-    return pa.Table.from_pydict({"text": df["text"].tolist(), "score": df["score"].astype(float).tolist(),
-                                 "id": df["id"].astype(str).tolist()},
-                                schema=pa.schema([("text", pa.string()), ("score", pa.float64()), ("id", pa.string())]))
-
-
-def _contaminated(df: "pd.DataFrame") -> "pd.DataFrame":
-    return df.loc[df["contaminated_by"].notna(), ["id", "contaminated_by"]]
-
-
-def clean_pass(cfg: FilterConfig, scored_dir: Path, out_dir: Path) -> dict[str, Any]:
-    import ray
-    import ray.data
-
-    from definemed.corpus import decontam, dedup, pii
-    from definemed.io import atomic_dir, write_parquet_atomic
-
-    scored = ray.data.read_parquet(str(scored_dir))
-    src = scored.select_columns(["words"]).materialize()
-    stats: dict[str, Any] = {"scored_docs": src.count(), "scored_words": int(src.sum("words") or 0)}
-    kept = scored.map_batches(_kept_only, batch_format="pandas").materialize()
-    stats["kept_docs"] = kept.count()
-    stats["kept_words"] = int(kept.sum("words") or 0) if stats["kept_docs"] else 0
-    ds = kept
-    if cfg.dedup and stats["kept_docs"]:
-        ds = dedup.dedup(ds).materialize()
-        stats["after_dedup_docs"] = ds.count()
-    else:
-        stats["after_dedup_docs"] = stats["kept_docs"]
-    stats["duplicates_removed"] = stats["kept_docs"] - stats["after_dedup_docs"]
-    index_info: dict[str, Any] = {"enabled": cfg.decontam.enabled}
-    if cfg.decontam.enabled and stats["after_dedup_docs"]:
-        idx = decontam.build_index(decontam.eval_items(cfg.decontam.mc, cfg.decontam.prompts), cfg.decontam.ngram)
-        index_info.update(ngram=idx.n, items=idx.items, items_too_short=idx.too_short, ngrams=len(idx.grams))
-        # Plain tasks: the index travels once through the object store; no actor start-up on small corpora.
-        ds = ds.map_batches(decontam.mark_contaminated, batch_format="pandas", fn_kwargs={"index": ray.put(idx)})
-    if cfg.pii and stats["after_dedup_docs"]:
-        ds = ds.map_batches(pii.redact_batch, batch_format="pandas")
-    ds = ds.materialize()
-    summ = ds.map_batches(_summary, batch_format="pandas").to_pandas().sum() if stats["after_dedup_docs"] else {}
-    stats["contaminated_removed"] = int(summ.get("contaminated", 0)) if len(summ) else 0
-    stats["final_docs"] = int(summ.get("final_docs", 0)) if len(summ) else 0
-    stats["final_words"] = int(summ.get("final_words", 0)) if len(summ) else 0
-    stats["pii_redacted"] = {k.removeprefix("pii_"): int(summ.get(k, 0)) if len(summ) else 0
-                             for k in ("pii_email", "pii_phone", "pii_ip")}
-    stats["decontam"] = index_info
-    final_dir = out_dir / "finemed_de"
-    with atomic_dir(final_dir, overwrite=True) as tmp:
-        ds.map_batches(_final, batch_format="pandas").write_parquet(str(tmp))
-    if "contaminated_by" in ds.columns():
-        import pyarrow as pa
-
-        import pandas as pd
-
-        removed = ds.map_batches(_contaminated, batch_format="pandas").to_pandas()
-        if removed.empty:
-            removed = pd.DataFrame({"id": pd.Series(dtype=str), "contaminated_by": pd.Series(dtype=str)})
-        write_parquet_atomic(pa.Table.from_pandas(removed.sort_values("id"), preserve_index=False),
-                             out_dir / "decontaminated.parquet")
     return stats
 
 
-def stats_table(stats: dict[str, Any], quarantine: dict[str, int], threshold: float) -> tuple[dict, str]:
+def _partitions(cfg: FilterConfig, rows: int) -> int:
+    return cfg.shuffle_partitions or max(1, math.ceil(rows / cfg.rows_per_partition))
+
+
+def dedup_pass(cfg: FilterConfig, scored_dir: Path, deduped_dir: Path, kept_docs: int) -> None:
+    import ray.data
+    from ray.data.expressions import col
+
+    from definemed.corpus import dedup
+    from definemed.io import atomic_dir
+
+    kept = ray.data.read_parquet(str(scored_dir)).filter(expr=col("text").is_not_null())
+    ds = kept.select_columns(["id", "score", "text"]).map_batches(dedup.add_hash, batch_format="pyarrow")
+    if cfg.dedup and kept_docs:
+        ds = dedup.dedup(ds, _partitions(cfg, kept_docs))
+    with atomic_dir(deduped_dir, overwrite=True) as tmp:
+        run_blocks(ds.map_batches(write_rows, batch_format="pyarrow", batch_size=None,
+                                  fn_kwargs={"out_dir": str(tmp)}))
+
+
+def fuzzy_pass(cfg: FilterConfig, deduped_dir: Path, docs: int) -> tuple[list[str], dict[str, Any]]:
+    import ray.data
+
+    from definemed.corpus import fuzzy
+
+    f = cfg.fuzzy_dedup
+    info: dict[str, Any] = {"enabled": f.enabled}
+    if not (f.enabled and docs):
+        return [], info
+    params = fuzzy.MinHashParams(ngram=f.ngram, bands=f.bands, rows=f.rows, seed=f.seed)
+    removed, st = fuzzy.find_duplicates(ray.data.read_parquet(str(deduped_dir)), params,
+                                        _partitions(cfg, docs * params.bands))
+    info.update(st, ngram=f.ngram, bands=f.bands, rows=f.rows, permutations=params.num_perm,
+                threshold=round(params.threshold(), 3))
+    return sorted(removed), info
+
+
+def clean_pass(cfg: FilterConfig, scored_dir: Path, out_dir: Path) -> dict[str, Any]:
+    import pyarrow as pa
+    import ray
+    import ray.data
+
+    from definemed.corpus import decontam, pii
+    from definemed.io import atomic_dir, write_parquet_atomic
+
+    rows, nulls = parquet_counts(scored_dir, "text")
+    scored = json.loads((scored_dir / "_STATS.json").read_text(encoding="utf-8"))
+    stats: dict[str, Any] = {"scored_docs": rows, "scored_words": scored["words"], "kept_docs": rows - nulls,
+                             "kept_words": scored["kept_words"]}
+    deduped = out_dir / "deduped"
+    dedup_pass(cfg, scored_dir, deduped, stats["kept_docs"])
+    stats["after_dedup_docs"] = parquet_counts(deduped)[0]
+    stats["duplicates_removed"] = stats["kept_docs"] - stats["after_dedup_docs"]
+
+    removed, stats["fuzzy_dedup"] = fuzzy_pass(cfg, deduped, stats["after_dedup_docs"])
+    stats["near_duplicates_removed"] = len(removed)
+    stats["after_fuzzy_dedup_docs"] = stats["after_dedup_docs"] - len(removed)
+
+    ds = ray.data.read_parquet(str(deduped)) if stats["after_dedup_docs"] else None
+    if ds is not None and removed:
+        ds = ds.map_batches(drop_docs, batch_format="pyarrow",
+                            fn_kwargs={"removed": ray.put(pa.array(removed, type=pa.string()))})
+    index_info: dict[str, Any] = {"enabled": cfg.decontam.enabled}
+    if cfg.decontam.enabled:
+        idx = decontam.build_index(decontam.eval_items(cfg.decontam.mc, cfg.decontam.prompts), cfg.decontam.ngram,
+                                   cfg.decontam.min_item_words)
+        index_info.update(idx.info())
+        if ds is not None:  # plain tasks: the index travels once through the object store
+            ds = ds.map_batches(decontam.mark_contaminated, batch_format="pyarrow", fn_kwargs={"index": ray.put(idx)})
+    if cfg.pii and ds is not None:
+        ds = ds.map_batches(pii.redact_batch, batch_format="pyarrow")
+
+    final_dir, parts = out_dir / "finemed_de", out_dir / ".decontaminated.parts"
+    shutil.rmtree(parts, ignore_errors=True)
+    parts.mkdir(parents=True)
+    with atomic_dir(final_dir, overwrite=True) as tmp:
+        summ = run_blocks(ds.map_batches(write_final, batch_format="pyarrow", batch_size=None,
+                                         fn_kwargs={"out_dir": str(tmp), "removed_dir": str(parts)})) if ds else {}
+        if not any(tmp.glob("*.parquet")):  # an empty FineMed-de is still a readable dataset
+            write_parquet_atomic(final_schema().empty_table(), tmp / "part-empty.parquet")
+    stats["contaminated_removed"] = summ.get("contaminated", 0)
+    stats["contaminated_by_rule"] = {r: summ.get(f"contaminated_{r}", 0) for r in decontam.RULES}
+    stats["final_docs"] = parquet_counts(final_dir)[0]
+    stats["final_words"] = summ.get("final_words", 0)
+    stats["pii_redacted"] = {k: summ.get(f"pii_{k}", 0) for k in pii.KINDS}
+    stats["decontam"] = index_info
+    if cfg.decontam.enabled:
+        import pyarrow.parquet as pq
+
+        files = sorted(parts.glob("*.parquet"))
+        removed_t = (pa.concat_tables([pq.read_table(f) for f in files]) if files else
+                     pa.table({"id": pa.array([], pa.string()), "contaminated_by": pa.array([], pa.string())}))
+        write_parquet_atomic(removed_t.sort_by("id"), out_dir / "decontaminated.parquet")
+    shutil.rmtree(parts, ignore_errors=True)
+    return stats
+
+
+# ------------------------------------------------------------------------------------------------ the report
+
+
+def demo_note(classifier: str, source_docs: int, scorer: str = "classifier") -> str:
+    """The caveat printed beside the study's figures: this run's numbers are not the study's."""
+    tiny = (Path(classifier) / "TINY_MODEL.md").exists()
+    parts = []
+    if scorer == "keywords":
+        parts.append("Scored with the keyword stand-in, not the classifier: the kept set is a crude keyword cut.")
+        tiny = False
+    if tiny:
+        parts.append("The classifier is a tiny randomly initialised model: which documents it keeps is noise, so "
+                     "the kept fractions below carry no meaning.")
+    if source_docs < STUDY["source"]["docs"] / 100:
+        parts.append(f"This run read {source_docs:,} documents, not FineWeb2-de's 427.7M: the study's rows are "
+                     "printed for orientation only; compare fractions, not counts, and only with a trained "
+                     "classifier on a real corpus.")
+    return " ".join(parts)
+
+
+def stats_table(stats: dict[str, Any], quarantine: dict[str, int], threshold: float,
+                note: str | None = None) -> tuple[dict, str]:
     """The study's table (documents and words, source vs filtered) plus the funnel in between."""
     src_docs = stats["scored_docs"] + quarantine.get("total", 0)
     rows = [
@@ -167,26 +366,35 @@ def stats_table(stats: dict[str, Any], quarantine: dict[str, int], threshold: fl
         ("quarantined (malformed)", quarantine.get("total", 0), None),
         (f"score >= {threshold:g}", stats["kept_docs"], stats["kept_words"]),
         ("after exact dedup", stats["after_dedup_docs"], None),
+        ("after fuzzy dedup (MinHash LSH)", stats.get("after_fuzzy_dedup_docs", stats["after_dedup_docs"]), None),
         ("after decontamination = FineMed-de", stats["final_docs"], stats["final_words"]),
     ]
     table = {"source": {"docs": src_docs, "words": stats["scored_words"]},
              "filtered": {"docs": stats["final_docs"], "words": stats["final_words"]},
-             "funnel": [{"step": s, "docs": d, "words": w} for s, d, w in rows], "study": STUDY}
+             "funnel": [{"step": s, "docs": d, "words": w} for s, d, w in rows], "study": STUDY,
+             **({"note": note} if note else {})}
 
     def pct(a, b):
         return f"{100 * a / b:.2f}%" if b else "n/a"
 
-    md = ["# FineMed-de filter statistics", "",
-          "| corpus | documents | words |", "| --- | ---: | ---: |",
-          f"| source | {src_docs:,} | {stats['scored_words']:,} (well-formed docs) |",
-          f"| FineMed-de | {stats['final_docs']:,} ({pct(stats['final_docs'], src_docs)}) | "
-          f"{stats['final_words']:,} ({pct(stats['final_words'], stats['scored_words'])}) |",
-          f"| study: FineWeb2-de | 427.7M | 234.8B |",
-          f"| study: FineMed-de | 7.3M (1.71%) | 5.1B (2.17%) |", "",
-          "## Funnel", "", "| step | documents | words |", "| --- | ---: | ---: |"]
+    md = ["# FineMed-de filter statistics", ""]
+    if note:
+        md += [f"> **{note}**", ""]
+    md += ["| corpus | documents | words |", "| --- | ---: | ---: |",
+           f"| this run: source | {src_docs:,} | {stats['scored_words']:,} (well-formed docs) |",
+           f"| this run: FineMed-de | {stats['final_docs']:,} ({pct(stats['final_docs'], src_docs)}) | "
+           f"{stats['final_words']:,} ({pct(stats['final_words'], stats['scored_words'])}) |",
+           "| study: FineWeb2-de | 427.7M | 234.8B |",
+           "| study: FineMed-de | 7.3M (1.71%) | 5.1B (2.17%) |", "",
+           "Words are `definemed.text.words` (runs of letters, hyphenated compounds whole), not the study's "
+           "word tokenizer.", "",
+           "## Funnel", "", "| step | documents | words |", "| --- | ---: | ---: |"]
     md += [f"| {s} | {d:,} | {'' if w is None else f'{w:,}'} |" for s, d, w in rows]
-    md += ["", f"Quarantine reasons: " + ", ".join(f"{k} {v}" for k, v in quarantine.items() if v and k != "total"),
-           f"Duplicates removed: {stats['duplicates_removed']}; contaminated removed: "
-           f"{stats['contaminated_removed']} ({stats['decontam']}).",
+    fz = stats.get("fuzzy_dedup", {})
+    md += ["", "Quarantine reasons: " + ", ".join(f"{k} {v}" for k, v in quarantine.items() if v and k != "total"),
+           f"Exact duplicates removed: {stats['duplicates_removed']}; near-duplicates removed: "
+           f"{stats.get('near_duplicates_removed', 0)} in {fz.get('clusters', 0)} clusters ({fz}).",
+           f"Contaminated removed: {stats['contaminated_removed']} (by rule: {stats.get('contaminated_by_rule', {})};"
+           f" index: {stats['decontam']}).",
            "PII redacted in kept text: " + ", ".join(f"{k} {v}" for k, v in stats["pii_redacted"].items()), ""]
     return table, "\n".join(md)

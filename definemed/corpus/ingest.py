@@ -12,54 +12,16 @@ import math
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from definemed.corpus.malformed import REASONS, as_text, malformed_reason
+from definemed.corpus.malformed import is_missing as _is_missing
+
 if TYPE_CHECKING:
     import pandas as pd
     import ray.data
 
     from definemed.data.loaders import WebSourceConfig
 
-REASONS = ("null_text", "non_string", "empty", "whitespace", "oversized", "null_id")
 QUARANTINE_COLUMNS = ("id", "reason", "text", "text_type", "row_json")
-
-
-def _is_missing(value: Any) -> bool:
-    """None, NaN, pd.NA or NaT: how a Parquet null reaches a pandas batch depends on the column dtype."""
-    import pandas as pd
-
-    try:
-        return bool(pd.isna(value))
-    except (TypeError, ValueError):  # arrays and other non-scalars
-        return False
-
-
-def as_text(value: Any) -> tuple[str | None, str | None]:
-    """(text, reason). Binary columns holding UTF-8 are text; anything else that is not a str is malformed."""
-    if value is None or (not isinstance(value, (str, bytes, bytearray)) and _is_missing(value)):
-        return None, "null_text"
-    if isinstance(value, (bytes, bytearray)):
-        try:
-            value = bytes(value).decode("utf-8")
-        except UnicodeDecodeError:
-            return None, "non_string"
-    if not isinstance(value, str):
-        return None, "non_string"
-    return value, None
-
-
-def malformed_reason(text: Any, doc_id: Any, max_chars: int) -> str | None:
-    """Why a row cannot be used, or None if it is fine. Checked in a fixed order so counts are stable."""
-    text, reason = as_text(text)
-    if reason:
-        return reason
-    if text == "":
-        return "empty"
-    if not text.strip():  # str.strip() also removes NBSP and ideographic spaces
-        return "whitespace"
-    if len(text) > max_chars:
-        return "oversized"
-    if doc_id is None or _is_missing(doc_id) or str(doc_id) == "":
-        return "null_id"
-    return None
 
 
 def _jsonable(v: Any) -> Any:
@@ -108,17 +70,42 @@ def write_table(table, path: str) -> None:
     write_parquet_atomic(table, path.removeprefix("file://"))
 
 
-def quarantine_batch(df: "pd.DataFrame", quarantine_dir: str, max_chars: int) -> "pd.DataFrame":
-    """Ray Data map_batches step: returns the good rows, writes the bad ones."""
+def _write_quarantine(bad: "pd.DataFrame", quarantine_dir: str) -> None:
     import pyarrow as pa
 
-    good, bad = split_batch(df, max_chars)
-    if len(bad):
-        h = hashlib.sha1(bad.to_json(orient="records").encode("utf-8")).hexdigest()[:20]
-        schema = pa.schema([(c, pa.string()) for c in QUARANTINE_COLUMNS])
-        write_table(pa.Table.from_pandas(bad, schema=schema, preserve_index=False),
-                    f"{quarantine_dir.rstrip('/')}/part-{h}.parquet")
-    return good
+    h = hashlib.sha1(bad.to_json(orient="records").encode("utf-8")).hexdigest()[:20]
+    schema = pa.schema([(c, pa.string()) for c in QUARANTINE_COLUMNS])
+    write_table(pa.Table.from_pandas(bad, schema=schema, preserve_index=False),
+                f"{quarantine_dir.rstrip('/')}/part-{h}.parquet")
+
+
+def quarantine_batch(batch, quarantine_dir: str, max_chars: int):
+    """Ray Data map_batches step: returns the good rows, writes the bad ones.
+
+    Arrow batches (the pipeline) stay Arrow: only the text and id columns are read row by row (the one rule,
+    `malformed_reason`), a batch without bad rows passes through unchanged, and only bad rows ever become
+    pandas. pandas batches (object columns of mixed types, in unit tests) go through `split_batch` whole.
+    """
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    if not isinstance(batch, pa.Table):
+        good, bad = split_batch(batch, max_chars)
+        if len(bad):
+            _write_quarantine(bad, quarantine_dir)
+        return good
+    n = batch.num_rows
+    ids = batch.column("id").to_pylist() if "id" in batch.column_names else [None] * n
+    ok = [malformed_reason(t, i, max_chars) is None for t, i in zip(batch.column("text").to_pylist(), ids)]
+    if not all(ok):
+        mask = pa.array(ok, type=pa.bool_())
+        _, bad = split_batch(batch.filter(pc.invert(mask)).to_pandas(), max_chars)
+        _write_quarantine(bad, quarantine_dir)
+        batch = batch.filter(mask)
+    text_type = batch.schema.field("text").type
+    if pa.types.is_binary(text_type) or pa.types.is_large_binary(text_type):  # good rows are valid UTF-8
+        batch = batch.set_column(batch.schema.get_field_index("text"), "text", batch.column("text").cast(pa.string()))
+    return batch
 
 
 def read_valid(source: "WebSourceConfig", quarantine_dir: str, max_chars: int) -> "ray.data.Dataset":
@@ -126,7 +113,7 @@ def read_valid(source: "WebSourceConfig", quarantine_dir: str, max_chars: int) -
     from definemed.data.loaders import read_web_ray
 
     ds = read_web_ray(source)
-    ds = ds.map_batches(quarantine_batch, batch_format="pandas",
+    ds = ds.map_batches(quarantine_batch, batch_format="pyarrow",
                         fn_kwargs={"quarantine_dir": str(quarantine_dir), "max_chars": max_chars})
     return ds
 

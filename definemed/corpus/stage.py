@@ -29,7 +29,7 @@ def write_sample(cfg: AnnotateConfig, sample_dir: Path, quarantine_dir: Path) ->
     import ray.data
 
     from definemed.corpus import ingest, sample
-    from definemed.data.loaders import read_web_ray
+    from definemed.data.loaders import count_web_rows
     from definemed.io import atomic_dir, atomic_write_json, write_parquet_atomic
 
     marker = sample_dir / "_SAMPLE.json"
@@ -44,7 +44,7 @@ def write_sample(cfg: AnnotateConfig, sample_dir: Path, quarantine_dir: Path) ->
                               "another sample config (source/sample_size/seed/shard_size); choose a new output_dir")
         return info
     ingest.reset_quarantine(str(quarantine_dir))
-    total_hint = read_web_ray(cfg.source).count()  # Parquet metadata only; malformed rows included
+    total_hint = count_web_rows(cfg.source)  # Parquet footers only; malformed rows included
     ds = ingest.read_valid(cfg.source, str(quarantine_dir), cfg.max_text_chars)
     ctx = ray.data.DataContext.get_current()
     old, ctx.execution_options.preserve_order = ctx.execution_options.preserve_order, True
@@ -181,13 +181,20 @@ def run_filter(cfg: FilterConfig) -> dict[str, str]:
     scored, q_dir = out / "scored", out / "quarantine"
     key = filt.score_key(cfg)
     marker = scored / "_SCORED.json"
-    if marker.exists() and json.loads(marker.read_text(encoding="utf-8")) == key:
+    if (marker.exists() and (scored / "_STATS.json").exists()
+            and json.loads(marker.read_text(encoding="utf-8")) == key):
         _say(f"[filter] reusing scores in {scored}")
     else:  # absent, or left by a killed run with another source/classifier/threshold
-        filt.score_pass(cfg, scored, q_dir, key)
+        from tqdm import tqdm
+
+        from definemed.data.loaders import count_web_rows
+
+        with tqdm(total=count_web_rows(cfg.source), desc="[filter] scoring", unit="doc") as bar:
+            filt.score_pass(cfg, scored, q_dir, key, progress=bar.update)
     stats = filt.clean_pass(cfg, scored, out)
     q = quarantine_counts(str(q_dir))
-    table, md = filt.stats_table(stats, q, cfg.threshold)
+    note = filt.demo_note(cfg.classifier, stats["scored_docs"] + q.get("total", 0), cfg.scorer)
+    table, md = filt.stats_table(stats, q, cfg.threshold, note=note or None)
     atomic_write_json(out / "stats.json", {**table, "steps": stats, "quarantine": q,
                                            "threshold": cfg.threshold,
                                            "actors": {"min": cfg.min_actors, "max": cfg.max_actors}})

@@ -78,8 +78,12 @@ def resolve_files(path: str, suffixes: tuple[str, ...]) -> tuple[list[str], Any]
     return [f"{protocol}://{f}" if "://" not in f else f for f in files], fs
 
 
-def _strip_protocol(f: str, fs: Any) -> str:
-    return fs._strip_protocol(f) if fs is not None else f
+def fs_path(f: str, fs: Any) -> str:
+    """The path inside the filesystem that `fs.open` and pyarrow want (protocol removed), via fsspec's public
+    `strip_protocol` rather than the filesystem's private `_strip_protocol`."""
+    import fsspec.core
+
+    return fsspec.core.strip_protocol(f) if fs is not None else f
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -125,7 +129,7 @@ def _parquet_schema(file: str, fs: Any):
 
     if fs is None:
         return pq.read_schema(file)
-    with fs.open(_strip_protocol(file, fs), "rb") as fh:
+    with fs.open(fs_path(file, fs), "rb") as fh:
         return pq.read_schema(fh)
 
 
@@ -171,7 +175,7 @@ def read_web_ray(cfg: WebSourceConfig, **read_kwargs: Any) -> "ray.data.Dataset"
     files, fs = resolve_files(cfg.path, (".parquet",))
     read, rename = _plan_web_columns(cfg, files, fs)
     # select_columns right after the read: Ray pushes the projection down into the Parquet reader
-    paths = [_strip_protocol(f, fs) for f in files]  # with an explicit filesystem, pyarrow wants bare paths
+    paths = [fs_path(f, fs) for f in files]  # with an explicit filesystem, pyarrow wants bare paths
     ds = ray.data.read_parquet(paths, filesystem=fs, **read_kwargs).select_columns(read)
     if rename:
         ds = ds.rename_columns(rename)
@@ -194,7 +198,7 @@ def count_web_rows(cfg: WebSourceConfig) -> int:
         if fs is None:
             n += pq.ParquetFile(f).metadata.num_rows
         else:
-            with fs.open(_strip_protocol(f, fs), "rb") as fh:
+            with fs.open(fs_path(f, fs), "rb") as fh:
                 n += pq.ParquetFile(fh).metadata.num_rows
     return n if cfg.limit is None else min(n, cfg.limit)
 
@@ -209,7 +213,7 @@ def read_web_pandas(cfg: WebSourceConfig) -> "pd.DataFrame":
     tables = []
     n = 0
     for f in files:
-        t = pq.read_table(_strip_protocol(f, fs), columns=read, filesystem=fs)
+        t = pq.read_table(fs_path(f, fs), columns=read, filesystem=fs)
         tables.append(t)
         n += t.num_rows
         if cfg.limit is not None and n >= cfg.limit:
@@ -282,7 +286,7 @@ def _read_records(file: str, fs: Any) -> tuple[list[dict[str, Any]], list[str]]:
     import pandas as pd
 
     name = file.lower()
-    opener = (lambda: fs.open(_strip_protocol(file, fs), "rb")) if fs is not None else (lambda: open(file, "rb"))
+    opener = (lambda: fs.open(fs_path(file, fs), "rb")) if fs is not None else (lambda: open(file, "rb"))
     if name.endswith(".parquet"):
         with opener() as fh:
             df = pd.read_parquet(fh)
@@ -376,7 +380,7 @@ def iter_mc_items(cfg: MCSourceConfig) -> Iterator[MCItem]:
         for ours, src in needed.items():
             if src not in cols and ours not in optional:
                 raise MissingColumnError(src, f, cols, mapped_to=ours)
-        stem = Path(_strip_protocol(f, fs)).stem
+        stem = Path(fs_path(f, fs)).stem
         for i, row in enumerate(rows):
             try:
                 item = _row_to_item(row, cfg, f"{cfg.benchmark}/{stem}/{i}", normalise_subject(stem))
@@ -450,7 +454,7 @@ def sample_mc_config(benchmark: Literal["mmlu", "medqa"], **overrides: Any) -> M
 
 
 __all__ = [
-    "MissingColumnError", "SourceError", "resolve_files",
+    "MissingColumnError", "SourceError", "resolve_files", "fs_path",
     "WebSourceConfig", "read_web_ray", "read_web_pandas", "count_web_rows",
     "MCItem", "MCSourceConfig", "MCFormat", "normalise_subject", "iter_mc_items", "load_mc_items",
     "PromptItem", "load_prompts", "sample_web_config", "sample_mc_config",

@@ -14,9 +14,10 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
+from definemed.text import words  # the one definition of a word, shared with the corpus filter
+
 DEFAULT_LANGUAGES = ("GERMAN", "ENGLISH", "FRENCH", "SPANISH", "ITALIAN", "DUTCH", "POLISH", "PORTUGUESE",
                      "TURKISH", "RUSSIAN", "CHINESE")
-_WORD = re.compile(r"[A-Za-zÄÖÜäöüßÀ-ÿ]+(?:-[A-Za-zÄÖÜäöüßÀ-ÿ]+)*")
 # Split after sentence punctuation followed by space + capital/quote, or at line breaks (lists, headings).
 _SENT_SPLIT = re.compile(r"(?<=[.!?…])\s+(?=[\"„»(\[A-ZÄÖÜ0-9])|\n+")
 # A run of characters in scripts German never uses: decisive on its own, whatever the sentence length.
@@ -25,10 +26,6 @@ _FOREIGN_SCRIPT = re.compile(r"[\u0400-\u04FF\u0370-\u03FF\u3040-\u30FF\u3400-\u
 
 def split_sentences(text: str) -> list[str]:
     return [s.strip() for s in _SENT_SPLIT.split(text or "") if s and s.strip()]
-
-
-def words(text: str) -> list[str]:
-    return _WORD.findall(text or "")
 
 
 def load_allowlist(paths: Iterable[str | Path] = ()) -> frozenset[str]:

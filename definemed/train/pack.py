@@ -162,12 +162,10 @@ def separator_id(tok, eos_token: str | None) -> int:
 
 
 def bad_text_reason(text: Any) -> str | None:
-    """Same rule as the quarantine scan: null or blank text cannot be trained on."""
-    if text is None:
-        return "missing_text"
-    if not text.strip():
-        return "empty_text"
-    return None
+    """The corpus stages' rule for malformed text (null, not UTF-8 text, empty, whitespace): one definition."""
+    from definemed.corpus.malformed import malformed_reason
+
+    return malformed_reason(text)
 
 
 def tokenize_batch(batch, tokenizer_path: str, text_column: str, min_doc_tokens: int, eos_id: int | None = None):
@@ -220,7 +218,9 @@ def check_text_column(files: list[str], fs: Any, column: str) -> None:
     if fs is None:
         schema = pq.read_schema(files[0])
     else:
-        with fs.open(fs._strip_protocol(files[0]), "rb") as fh:
+        from definemed.data.loaders import fs_path
+
+        with fs.open(fs_path(files[0], fs), "rb") as fh:
             schema = pq.read_schema(fh)
     if column not in schema.names:
         raise ConfigError(f"invalid config field 'text_column': column '{column}' not in {files[0]} "
@@ -231,25 +231,27 @@ def check_text_column(files: list[str], fs: Any, column: str) -> None:
 
 
 def write_quarantine(files: list[str], fs: Any, column: str, out: Path) -> int:
-    """Rows whose text is missing or blank go to quarantine.parquet, whole, with a `reason` column (nothing
-    is lost silently). A filtered Arrow scan: cheap beside tokenization, and only bad rows reach memory."""
+    """Malformed rows (`bad_text_reason`) go to quarantine.parquet, whole, with a `reason` column (nothing is
+    lost silently). A scan of the text column in Arrow batches; only bad rows reach memory."""
     import pyarrow as pa
-    import pyarrow.compute as pc
     import pyarrow.dataset as pads
 
     from definemed.io import write_parquet_atomic
 
     paths, filesystem = _arrow_paths(files, fs)
     data = pads.dataset(paths, format="parquet", filesystem=filesystem)
-    text = pc.field(column)
-    missing = text.is_null()
-    blank = pc.equal(pc.utf8_trim_whitespace(text), "")
-    bad = data.to_table(filter=missing | blank)
-    if bad.num_rows == 0:
+    bad, reasons = [], []
+    for batch in data.to_batches():
+        r = [bad_text_reason(t) for t in batch.column(column).to_pylist()]
+        mask = pa.array([x is not None for x in r])
+        if mask.true_count:
+            bad.append(pa.Table.from_batches([batch]).filter(mask))
+            reasons += [x for x in r if x is not None]
+    if not bad:
         return 0
-    reason = pc.if_else(pc.is_null(bad.column(column)), "missing_text", "empty_text")
-    write_parquet_atomic(bad.append_column("reason", reason), out / QUARANTINE_FILE)
-    return bad.num_rows
+    table = pa.concat_tables(bad)
+    write_parquet_atomic(table.append_column("reason", pa.array(reasons, type=pa.string())), out / QUARANTINE_FILE)
+    return table.num_rows
 
 
 def run(cfg: PackConfig) -> dict[str, str]:
@@ -317,7 +319,9 @@ def _arrow_paths(files: list[str], fs: Any) -> tuple[list[str], Any]:
         return files, None
     from pyarrow.fs import FSSpecHandler, PyFileSystem
 
-    return [fs._strip_protocol(f) for f in files], PyFileSystem(FSSpecHandler(fs))
+    from definemed.data.loaders import fs_path
+
+    return [fs_path(f, fs) for f in files], PyFileSystem(FSSpecHandler(fs))
 
 
 def pack_local(table, model: str, out_dir: str | os.PathLike, seq_len: int, text_column: str = "text",
