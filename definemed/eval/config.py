@@ -17,12 +17,15 @@ from definemed.eval.client import EndpointConfig
 from definemed.eval.generate import GenerationConfig
 from definemed.eval.judge import JudgeConfig
 from definemed.eval.mc import MCPromptConfig, MCScoringConfig
+from definemed.models.registry import ModelRef
 
 _NAME = r"^[A-Za-z0-9._\-]+$"
 
 
-class ModelRef(StrictModel):
-    path: InputPath | None = Field(None, description="model dir, tiny://name or an existing path; needed for MC "
+class EvalModel(StrictModel):
+    """One evaluated model: its weights (`path`, any model reference) and/or a running endpoint."""
+
+    path: ModelRef | None = Field(None, description="tiny://name, real://name, a hub id or a model dir; needed for MC "
                                                      "scoring and for hosting with the serve app")
     endpoint: EndpointConfig | None = Field(None, description="an already running OpenAI-compatible endpoint; "
                                                               "default: host `path` with our serve app")
@@ -30,7 +33,7 @@ class ModelRef(StrictModel):
     tokenizer: str | None = Field(None, description="tokenizer for token counts (default: path)")
 
     @model_validator(mode="after")
-    def _reachable(self) -> "ModelRef":
+    def _reachable(self) -> "EvalModel":
         if self.path is None and self.endpoint is None:
             raise ValueError("give `path` (hosted by the serve app) or `endpoint` (an OpenAI-compatible server)")
         return self
@@ -83,9 +86,9 @@ class ReportConfig(StrictModel):
 
 
 class EvalConfig(StageConfig):
-    models: dict[str, ModelRef] = Field(min_length=1, description="name -> model (e.g. base, cpt, merged, "
+    models: dict[str, EvalModel] = Field(min_length=1, description="name -> model (e.g. base, cpt, merged, "
                                                                   "reference)")
-    judge: ModelRef | None = None
+    judge: EvalModel | None = None
     mc: MCConfig | None = None
     pairwise: PairwiseConfig | None = None
     failure_modes: FailureModesConfig | None = FailureModesConfig()

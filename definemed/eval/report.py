@@ -9,35 +9,18 @@ from pathlib import Path
 from typing import Any
 
 from definemed.io import atomic_write_text
+from definemed.models import is_meaningless_model
 
 MEANINGLESS_NOTE = ("**The numbers in this report carry no meaning.** At least one model is a tiny randomly "
                     "initialised model (or was trained from one); the report proves the evaluation code paths, "
                     "not model quality.")
 
 
-def _is_tiny_path(ref: str | None) -> bool:
-    if not ref:
-        return False
-    if str(ref).startswith("tiny://"):
-        return True
-    p = Path(ref)
-    if not p.exists():
-        return False
-    if (p / "TINY_MODEL.md").exists():
-        return True
-    # a model trained or merged from a tiny one says so in its lineage manifest (or its stage's)
-    for d in (p, p.parent, p.parent.parent):
-        f = d / "lineage.json"
-        if f.exists() and "tiny://" in f.read_text(encoding="utf-8", errors="ignore"):
-            return True
-    return False
-
-
 def is_meaningless(cfg) -> bool:
     if cfg.report.meaningless is not None:
         return cfg.report.meaningless
     refs = list(cfg.models.values()) + ([cfg.judge] if cfg.judge is not None else [])
-    return any(_is_tiny_path(r.path) for r in refs)
+    return any(is_meaningless_model(r.path) for r in refs)
 
 
 def _pct(x: float | None) -> str:

@@ -17,7 +17,7 @@ from definemed.data.loaders import load_mc_items, load_prompts
 from definemed.data.schemas import MCItem, PromptItem
 from definemed.eval.cache import stable_key
 from definemed.eval.client import Endpoint, endpoint_from_config
-from definemed.eval.config import EvalConfig, ModelRef
+from definemed.eval.config import EvalConfig, EvalModel
 from definemed.io import atomic_write_json, atomic_write_text
 from definemed.lineage import write_manifest
 
@@ -129,7 +129,7 @@ class Hosting:
             self._ep = launch(scfg)
         return self._ep.base_url, self._ep.api_key
 
-    def endpoint(self, name: str, ref: ModelRef) -> Endpoint:
+    def endpoint(self, name: str, ref: EvalModel) -> Endpoint:
         if ref.endpoint is not None:
             return endpoint_from_config(ref.endpoint)
         return Endpoint(base_url=None, model=self.ids[name], resolve=self._launch)
@@ -183,7 +183,7 @@ def run_pairwise(cfg: EvalConfig, out: Path, hosting: Hosting) -> dict[str, Any]
 
 
 # ---------------------------------------------------------------- failure modes
-def _tokenizer(ref: ModelRef):
+def _tokenizer(ref: EvalModel):
     from definemed.models import resolve_model
 
     src = ref.tokenizer or ref.path

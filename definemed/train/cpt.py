@@ -301,7 +301,7 @@ def build_trainer(cfg: CptConfig, model_path: str):
 
 def run(cfg: CptConfig) -> dict[str, str]:
     from definemed.io import atomic_write_json
-    from definemed.models import resolve_model
+    from definemed.models import is_meaningless_model, resolve_model
     from definemed.train.checkpoint import latest_checkpoint_dir, read_train_state
     from definemed.train.export import export_hf
     from definemed.train.metrics import BATCHES_FILE, LOSS_PNG, METRICS_CSV, METRICS_FILE, plot_loss_curve, \
@@ -327,7 +327,7 @@ def run(cfg: CptConfig) -> dict[str, str]:
 
     rows = read_jsonl(out / METRICS_FILE)
     write_csv(rows, out / METRICS_CSV)
-    tiny = " (tiny random model: the numbers prove the code path only)" if cfg.model.startswith("tiny://") else ""
+    tiny = " (tiny random model: the numbers prove the code path only)" if is_meaningless_model(cfg.model) else ""
     plot_loss_curve(rows, out / LOSS_PNG, f"CPT {cfg.model}{tiny}")
     hf_dir = export_hf(ckpt_dir, model_path, out / HF_MODEL_DIR, cfg.export_dtype, cfg,
                        lineage_inputs={"base_model": model_path, "packed": cfg.packed},

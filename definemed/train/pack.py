@@ -22,6 +22,7 @@ from typing import Any, Iterable, Sequence
 from pydantic import Field
 
 from definemed.config import InputPath, StageConfig
+from definemed.models.registry import ModelRef
 
 log = logging.getLogger(__name__)
 
@@ -33,7 +34,7 @@ QUARANTINE_FILE = "quarantine.parquet"
 class PackConfig(StageConfig):
     input: InputPath  # Parquet file, directory or glob (the filter stage's FineMed-de output)
     text_column: str = "text"
-    model: str  # whose tokenizer: tiny://qwen2, /models/Qwen2.5-7B-Instruct, ...
+    model: ModelRef  # whose tokenizer: tiny://qwen2, real://gemma-3-270m, /models/Qwen2.5-7B-Instruct, ...
     seq_len: int = Field(4096, ge=8)
     tokenize_batch_size: int = Field(256, ge=1)
     # BFD runs per group of documents: bounded memory, parallel over Ray Data tasks; large groups pad less.
