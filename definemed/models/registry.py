@@ -115,3 +115,27 @@ def _model_ref_type():
 #: The one model-reference field type of every stage config: tiny://name[@seed], real://name, a hub id
 #: ("Org/name") or a local path that must exist (unless a preceding pipeline stage produces it).
 ModelRef = _model_ref_type()
+
+
+def has_chat_template(ref: str) -> bool | None:
+    """Whether a model's tokenizer carries a chat template, without building or converting it; None when that
+    cannot be known yet (a hub id, or a path an earlier pipeline stage will write)."""
+    s = str(ref)
+    if is_tiny_ref(s):
+        name, _ = parse_tiny_ref(s)
+        return name != "xlm-roberta"
+    if s.startswith(REAL_PREFIX):
+        from definemed.models.real import real_spec
+
+        return bool(real_spec(s).chat_template)
+    p = Path(s)
+    if not p.is_dir():
+        return None
+    if (p / "chat_template.jinja").is_file() or (p / "chat_template.json").is_file():
+        return True
+    cfg = p / "tokenizer_config.json"
+    if cfg.is_file():
+        import json
+
+        return bool(json.loads(cfg.read_text(encoding="utf-8")).get("chat_template"))
+    return None

@@ -23,6 +23,7 @@ from pydantic import Field
 
 from definemed.config import InputPath, StageConfig
 from definemed.models.registry import ModelRef
+from definemed.train.split import HeldoutConfig
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +46,9 @@ class PackConfig(StageConfig):
     # its pre-training separator is <|endoftext|>, which a CPT run may prefer.
     eos_token: str | None = None
     limit_docs: int | None = Field(None, ge=1)
+    # Held-out documents (chosen by a seeded hash of the id) are written to heldout.parquet and never packed:
+    # the eval stage's medical perplexity set. None packs everything.
+    heldout: HeldoutConfig | None = None
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -206,6 +210,16 @@ def tokenize_batch(batch, tokenizer_path: str, text_column: str, min_doc_tokens:
     return pa.table({"tokens": pa.array(out, type=pa.list_(pa.int32()))})
 
 
+def drop_heldout(batch, cfg: HeldoutConfig, text_column: str):
+    """Keep the training side of the split (the text column only)."""
+    import pyarrow as pa
+
+    from definemed.train.split import heldout_mask
+
+    held = heldout_mask(batch.column(cfg.id_column).to_pylist(), cfg.fraction, cfg.seed)
+    return batch.select([text_column]).filter(pa.array([not h for h in held]))
+
+
 def pack_batch(batch, seq_len: int, pad_id: int, bos_id: int | None = None):
     import pyarrow as pa
 
@@ -287,6 +301,12 @@ def run(cfg: PackConfig) -> dict[str, str]:
 
     files, fs = input_files(cfg.input)
     check_text_column(files, fs, cfg.text_column)
+    split = None
+    if cfg.heldout is not None:
+        from definemed.train.split import SPLIT_FILE, write_heldout
+
+        split = {"input": cfg.input, **write_heldout(files, fs, cfg.text_column, cfg.heldout, out)}
+        atomic_write_json(out / SPLIT_FILE, split)
 
     if not shards.exists():  # all-or-nothing: a killed pack leaves only a temp dir, which is redone
         ctx = ray.data.DataContext.get_current()
@@ -294,9 +314,13 @@ def run(cfg: PackConfig) -> dict[str, str]:
         ctx.execution_options.preserve_order = True  # same input -> same groups -> same packing, every run
         try:
             paths, arrow_fs = _arrow_paths(files, fs)
-            ds = ray.data.read_parquet(paths, filesystem=arrow_fs).select_columns([cfg.text_column])
+            cols = [cfg.text_column] + ([cfg.heldout.id_column] if cfg.heldout else [])
+            ds = ray.data.read_parquet(paths, filesystem=arrow_fs).select_columns(cols)
             if cfg.limit_docs:
                 ds = ds.limit(cfg.limit_docs)
+            if cfg.heldout:
+                ds = ds.map_batches(drop_heldout, batch_format="pyarrow",
+                                    fn_kwargs=dict(cfg=cfg.heldout, text_column=cfg.text_column))
             ds = ds.map_batches(tokenize_batch, batch_size=cfg.tokenize_batch_size, batch_format="pyarrow",
                                 fn_kwargs=dict(tokenizer_path=tok_path, text_column=cfg.text_column,
                                                min_doc_tokens=cfg.min_doc_tokens, eos_id=eos_id))
@@ -314,6 +338,8 @@ def run(cfg: PackConfig) -> dict[str, str]:
     files = sorted(shards.glob("*.parquet"))
     doc_lens = (lens for f in files for lens in pq.read_table(f, columns=["doc_lens"]).column("doc_lens").to_pylist())
     stats = padding_stats(doc_lens, cfg.seq_len)
+    if split is not None:
+        stats["split"] = {k: v for k, v in split.items() if k != "heldout_ids"}
     stats.update(seq_len=cfg.seq_len, shards=len(files), quarantined_rows=n_bad, tokenizer=tok_path,
                  eos_token_id=eos_id, pad_token_id=pad_id, bos_token_id=bos_id, model=cfg.model,
                  format="input_ids,position_ids (restart per document),doc_lens,num_tokens")
@@ -325,6 +351,8 @@ def run(cfg: PackConfig) -> dict[str, str]:
           f"{100 * stats['naive_padding_fraction']:.1f}% for naive one-document-per-row "
           f"({stats['naive_sequences']} rows); {n_bad} rows quarantined", flush=True)
     outputs = {"shards": str(shards), "stats": str(out / STATS_FILE)}
+    if split is not None:
+        outputs.update(heldout=split["heldout_file"], split=str(out / "split.json"))
     if n_bad:
         outputs["quarantine"] = str(out / QUARANTINE_FILE)
     return outputs
