@@ -44,7 +44,7 @@ class PerplexityConfig(StrictModel):
     models: list[str] | None = Field(None, description="models to score (default: every model with a path)")
     backends: list[Backend] = Field(default_factory=lambda: ["vllm", "transformers"], min_length=1)
     max_tokens: int = Field(512, ge=2, description="tokens per document (the rest is cut)")
-    agreement_tolerance: float = Field(0.03, gt=0, description="relative perplexity difference up to which the "
+    agreement_tolerance: float = Field(0.01, gt=0, description="relative perplexity difference up to which the "
                                                                "backends count as agreeing (bf16 vs fp32 math)")
 
 
