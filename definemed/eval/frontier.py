@@ -28,7 +28,8 @@ class FrontierConfig(StrictModel):
                                                                 "the merge stage's layer-wise merge")
     backends: list[Literal["vllm", "transformers"]] = Field(
         default_factory=lambda: ["transformers"], min_length=1,
-        description="perplexity backends for the merged points (the parents use the perplexity section's)")
+        description="perplexity backends for the merged points (the parents use the perplexity section's); the "
+                    "first also scores their MC items")
     mc: bool = Field(True, description="also score the merged points on the MC benchmarks")
     dtype: Literal["float32", "bfloat16", "float16"] | None = None  # merged weights; None = model_a's dtype
     keep_models: bool = Field(False, description="keep the merged weights after scoring (they are large)")

@@ -89,7 +89,10 @@ def run_mc(cfg: EvalConfig, out: Path, extra: dict[str, str] | None = None) -> l
     all_preds: list[dict] = []
     for name, (path, engine) in tqdm(_scored_models(cfg, cfg.mc_models(), extra).items(), desc="mc models",
                                      unit="model"):
-        fp = stable_key("mc", path, engine.model_dump(), cfg.mc.model_dump(mode="json"),
+        scoring = cfg.mc.scoring
+        if extra and name in extra and cfg.frontier is not None:  # frontier points: the frontier's backend
+            scoring = scoring.model_copy(update={"backend": cfg.frontier.backends[0]})
+        fp = stable_key("mc", path, engine.model_dump(), cfg.mc.model_dump(mode="json"), scoring.model_dump(),
                         [it.model_dump() for it in items])
         f = out / f"{name}.json"
         if f.exists():
@@ -98,9 +101,10 @@ def run_mc(cfg: EvalConfig, out: Path, extra: dict[str, str] | None = None) -> l
                 log.info("[mc] %s: reusing %s", name, f)
                 all_preds += saved["predictions"]
                 continue
-        task = ray.remote(max_retries=0, **_task_options(engine))(_score_model)
+        cpus = (os.cpu_count() or 1) if scoring.backend == "transformers" else 1  # torch threads = task CPUs
+        task = ray.remote(max_retries=0, **_task_options(engine, cpus=cpus))(_score_model)
         preds = ray.get(task.remote(name, path, engine.model_dump(), [it.model_dump() for it in items],
-                                    prompts, cfg.mc.scoring.model_dump(), cfg.mc.prompt.chat_template))
+                                    prompts, scoring.model_dump(), cfg.mc.prompt.chat_template))
         if len(preds) != len(items):
             raise RuntimeError(f"[mc] {name}: {len(preds)} predictions for {len(items)} items")
         atomic_write_json(f, {"fingerprint": fp, "model": name, "path": path, "predictions": preds})
