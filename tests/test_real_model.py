@@ -28,13 +28,18 @@ def _scrambled(text: str) -> str:
     return " ".join(words)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture()
 def hf_gemma(real_gemma):
+    """fp32 weights in this process for one test only: the CPT test needs the memory for its workers."""
+    import gc
+
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    return (AutoModelForCausalLM.from_pretrained(real_gemma, dtype=torch.float32).eval(),
-            AutoTokenizer.from_pretrained(real_gemma))
+    model = AutoModelForCausalLM.from_pretrained(real_gemma, dtype=torch.float32).eval()
+    yield model, AutoTokenizer.from_pretrained(real_gemma)
+    del model
+    gc.collect()
 
 
 def test_resolved_directory_is_a_complete_documented_model(real_gemma):
@@ -73,7 +78,9 @@ def test_vllm_and_transformers_agree_on_perplexity(real_gemma, hf_gemma):
         assert abs(x - y) / x < 0.01, (a, b)  # vLLM computes in bf16, transformers in fp32
 
 
-def test_pack_holdout_two_fsdp2_cpt_steps_export_and_reload_in_vllm(ray_local, real_gemma, hf_gemma, tmp_path):
+def test_pack_holdout_two_fsdp2_cpt_steps_export_and_reload_in_vllm(ray_local, real_gemma, tmp_path):
+    from transformers import AutoTokenizer
+
     from definemed.data.sample import SAMPLE_WEB_DIR
     from definemed.engine import EngineConfig, make_llm
     from definemed.eval.perplexity import nll_vllm, tokenize_docs
@@ -85,7 +92,7 @@ def test_pack_holdout_two_fsdp2_cpt_steps_export_and_reload_in_vllm(ray_local, r
     split = json.loads(Path(packed["split"]).read_text())
     assert split["heldout_docs"] == pq.read_table(packed["heldout"]).num_rows > 0
     rows = pq.read_table(packed["shards"]).to_pylist()
-    _, tok = hf_gemma
+    tok = AutoTokenizer.from_pretrained(real_gemma)
     assert all(r["input_ids"][0] == tok.bos_token_id for r in rows)
 
     cpt_cfg = STAGES["cpt"].config_model().model_validate(dict(
