@@ -23,7 +23,7 @@ def test_lm_eval_and_our_scorer_pick_the_same_letters(real_gemma, tmp_path):
 
     export(tmp_path / "tasks", benchmarks=("mmlu_de",))
     res = lm_eval.simple_evaluate(
-        model="hf", model_args={"pretrained": real_gemma, "dtype": "float32", "add_bos_token": True},
+        model="hf", model_args={"pretrained": real_gemma, "dtype": "float32", "add_bos_token": True}, device="cpu",
         tasks=["definemed_mmlu_de"], task_manager=TaskManager(include_path=str(tmp_path / "tasks")),
         batch_size=8, log_samples=True, bootstrap_iters=0)
     theirs = {}

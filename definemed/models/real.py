@@ -107,18 +107,10 @@ def converted_dir(spec: RealSpec) -> Path:
 
 def resolve_real(ref: str, force: bool = False) -> Path:
     """The converted directory of `ref`, converting it under a file lock on first use."""
-    from filelock import FileLock
+    from definemed.models.registry import build_once
 
     spec = real_spec(ref)
-    out = converted_dir(spec)
-    if out.exists() and not force:
-        return out
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with FileLock(str(out) + ".lock"):
-        if out.exists() and not force:
-            return out
-        convert(spec, out, overwrite=force)
-    return out
+    return build_once(converted_dir(spec), lambda out: convert(spec, out, overwrite=force), force=force)
 
 
 def _import_package(spec: RealSpec):

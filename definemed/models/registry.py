@@ -21,6 +21,20 @@ def cache_root() -> Path:
     return Path(root)
 
 
+def build_once(out: Path, build, force: bool = False) -> Path:
+    """`out` if it exists, else `build(out)` under a file lock, so concurrent processes (Ray workers, parallel
+    tests) build a cached model once and the others wait for it."""
+    from filelock import FileLock
+
+    if out.exists() and not force:
+        return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(out) + ".lock"):
+        if not out.exists() or force:
+            build(out)
+    return out
+
+
 def is_tiny_ref(ref: str) -> bool:
     return str(ref).startswith(TINY_PREFIX)
 
