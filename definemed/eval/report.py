@@ -307,7 +307,9 @@ def write_report(cfg, results: dict, out: Path) -> dict[str, str]:
         if results.get("frontier"):
             from definemed.eval.frontier import plot_frontier
 
-            plots["frontier"] = plot_frontier(results["frontier"]["rows"], pdir / "frontier.png",
+            sets = sorted({r["set"] for r in results["perplexity"]["table"]})
+            x_set, y_set = ("general", "medical") if {"general", "medical"} <= set(sets) else (sets[-1], sets[0])
+            plots["frontier"] = plot_frontier(results["frontier"]["rows"], pdir / "frontier.png", x_set, y_set,
                                               title=cfg.report.title + ": merge frontier").relative_to(out).as_posix()
         if results.get("failure_modes"):
             plots["verbosity"] = plot_verbosity(results["failure_modes"],
