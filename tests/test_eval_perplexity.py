@@ -112,3 +112,20 @@ def test_chatting_with_a_model_without_chat_template_is_rejected_at_validation(t
         _eval_cfg(tmp_path, models={"base": {"path": "real://gemma-3-270m"}, "plain": {"path": str(plain)}},
                   judge={"path": "real://gemma-3-270m"}, pairwise=pairwise)
     assert "models.plain.path" in str(e.value) and "no chat template" in str(e.value) and "\n" not in str(e.value)
+
+
+def test_report_renders_perplexity_and_frontier_sections_with_plots(tmp_path):
+    from definemed.eval.report import write_report
+
+    cfg = _eval_cfg(tmp_path, models={"base": {"path": "real://gemma-3-270m"}, "cpt": {"path": "real://gemma-3-270m"}},
+                    frontier={"model_a": "base", "model_b": "cpt", "t": [0, 0.5, 1]})
+    per_doc = {m: {s: {"targets": [10, 12], "nll": {"vllm": [30.0 + k, 33.0], "transformers": [30.0 + k, 33.1]}}
+                   for s in ("medical", "general")} for k, m in enumerate(["base", "cpt", "slerp-t0.5"])}
+    rows = summarize(per_doc, n_boot=50, seed=0, tolerance=0.01)
+    results = {"perplexity": {"table": rows, "max_tokens": 512, "backends": ["vllm", "transformers"], "sets": {},
+                              "tolerance": 0.01},
+               "frontier": {"rows": frontier_rows(cfg.frontier, rows, []), **cfg.frontier.model_dump()}}
+    paths = write_report(cfg, results, tmp_path)
+    md = (tmp_path / "report.md").read_text()
+    assert "## Held-out perplexity" in md and "## Merge frontier" in md and "slerp-t0.5" in md
+    assert (tmp_path / "plots" / "frontier.png").stat().st_size > 1000 and "plot_perplexity" in paths
