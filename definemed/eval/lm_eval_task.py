@@ -37,7 +37,9 @@ def task_yaml(task: str, data_file: Path) -> str:
 
 
 def export(out: str | Path, benchmarks: tuple[str, ...] = ("mmlu_de", "medqa_de"),
-           prompt: MCPromptConfig = MCPromptConfig()) -> dict[str, Path]:
+           prompt: MCPromptConfig = MCPromptConfig(), per_subject: int | None = None) -> dict[str, Path]:
+    """Write the task YAMLs and their documents; `per_subject` keeps only the first N items of each subject
+    (shots are still drawn from all items)."""
     from definemed.data.sample import SRC_DIR
     from definemed.io import atomic_write_text
 
@@ -48,8 +50,13 @@ def export(out: str | Path, benchmarks: tuple[str, ...] = ("mmlu_de", "medqa_de"
         fname, fmt = SOURCES[bench]
         items = load_mc_items(MCSourceConfig(path=str(SRC_DIR / fname), format=fmt, benchmark=bench))
         shots = select_shots(items, prompt.shots, prompt.seed)
-        rows = [{"id": it.id, "prompt": build_prompt(it, shots[it.id]), "letters": list(it.letters),
-                 "gold": it.answer} for it in items]
+        seen: dict[str, int] = {}
+        rows = []
+        for it in items:
+            seen[it.subject] = seen.get(it.subject, 0) + 1
+            if per_subject is None or seen[it.subject] <= per_subject:
+                rows.append({"id": it.id, "prompt": build_prompt(it, shots[it.id]), "letters": list(it.letters),
+                             "gold": it.answer})
         data = out / f"definemed_{bench}.jsonl"
         atomic_write_text(data, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
         written[bench] = atomic_write_text(out / f"definemed_{bench}.yaml", task_yaml(f"definemed_{bench}", data))
