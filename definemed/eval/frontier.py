@@ -107,6 +107,9 @@ def plot_frontier(rows: list[dict], path: Path, x_set: str = "general", y_set: s
     fig, ax = plt.subplots(figsize=(6.5, 5))
     uni = [r for r in rows if r["kind"] == "uniform" and not math.isnan(r[xk])]
     ax.plot([r[xk] for r in uni], [r[yk] for r in uni], "-o", color="tab:blue", label="SLERP, uniform t")
+    ends = [r for r in uni if r["t"] in (0.0, 1.0)]
+    ax.scatter([r[xk] for r in ends], [r[yk] for r in ends], marker="s", s=70, color="tab:blue", zorder=3,
+               label="parents (t = 0, t = 1)")
     for r in uni:
         ax.annotate(f"t={r['t']:g}" + (f" ({r['model']})" if r["t"] in (0.0, 1.0) else ""), (r[xk], r[yk]),
                     textcoords="offset points", xytext=(6, 4), fontsize=8)
