@@ -77,3 +77,15 @@ def test_unknown_real_name_is_rejected_at_config_validation(tmp_path):
     assert r.returncode == 2
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and "model_b" in lines[0] and "real://nope" in lines[0]
+
+
+def test_real_small_pipeline_config_validates_and_uses_the_real_model_everywhere():
+    from pathlib import Path
+
+    from definemed.pipeline import load_pipeline
+
+    repo = Path(__file__).resolve().parents[1]
+    p = load_pipeline(str(repo / "configs" / "real-small.yaml"))
+    assert p.stages["pack"].model == p.stages["cpt"].model == p.stages["merge"].model_a == "real://gemma-3-270m"
+    assert p.stages["pack"].heldout is not None and p.stages["eval"].frontier is not None
+    assert set(p.stages["eval"].perplexity.backends) == {"vllm", "transformers"}
