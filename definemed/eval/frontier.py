@@ -115,9 +115,8 @@ def plot_frontier(rows: list[dict], path: Path, x_set: str = "general", y_set: s
                     textcoords="offset points", xytext=(6, 4), fontsize=8)
     for r in rows:
         if r["kind"] == "marked" and not math.isnan(r[xk]):
-            ax.errorbar(r[xk], r[yk], xerr=[[r[xk] - r[xk + "_lo"]], [r[xk + "_hi"] - r[xk]]],
-                        yerr=[[r[yk] - r[yk + "_lo"]], [r[yk + "_hi"] - r[yk]]], fmt="*", ms=12, capsize=3,
-                        label=r["model"])
+            # no CI bars: the points are scored on the same documents, and unpaired CIs would hide the trade
+            ax.plot(r[xk], r[yk], "*", ms=14, label=r["model"])
     ax.set_xlabel(f"{x_set} German perplexity (lower is better)")
     ax.set_ylabel(f"held-out {y_set} perplexity (lower is better)")
     ax.set_title(title)
