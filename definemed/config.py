@@ -89,8 +89,6 @@ LINEAGE_INPUT = _LineageInput()
 
 #: A path (or glob / remote URI) that must exist locally before the stage runs.
 InputPath = Annotated[str, AfterValidator(_check_input_path), LINEAGE_INPUT]
-#: A model the stage reads: tiny:// or real:// reference, local directory or hub id (validated where used).
-ModelInput = Annotated[str, LINEAGE_INPUT]
 
 
 def _is_lineage_input(annotation: Any) -> bool:
@@ -98,7 +96,7 @@ def _is_lineage_input(annotation: Any) -> bool:
 
 
 def collect_lineage_inputs(model: BaseModel, prefix: str = "") -> dict[str, str]:
-    """Every InputPath / ModelInput value in a config, nested sections and lists included, by dotted name."""
+    """Every InputPath / ModelRef value in a config, nested sections and lists included, by dotted name."""
     import typing
 
     out: dict[str, str] = {}
@@ -145,7 +143,7 @@ class StageConfig(StrictModel):
     ray: RayConfig = RayConfig()
 
     def lineage_inputs(self) -> dict[str, str]:
-        """What the stage reads, by field name: every InputPath / ModelInput field, nested ones included.
+        """What the stage reads, by field name: every InputPath / ModelRef field, nested ones included.
         Fingerprinted into lineage.json and _DONE.json (definemed.stages decides reuse from them)."""
         return collect_lineage_inputs(self)
 
@@ -216,7 +214,6 @@ __all__ = [
     "RayConfig",
     "StageConfig",
     "InputPath",
-    "ModelInput",
     "collect_lineage_inputs",
     "existing_path",
     "field_validator",

@@ -4,7 +4,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV="${DEFINEMED_VENV:-.venv}"
 PY="${PYTHON:-python3}"
-EXTRA="${DEFINEMED_EXTRA:-cpu,dev}"
+EXTRA="${DEFINEMED_EXTRA:-cpu,dev,real}"
 stamp="$VENV/.definemed-stamp"
 want="$(cat pyproject.toml scripts/bootstrap.sh | sha256sum | cut -c1-16)-$EXTRA"
 if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then

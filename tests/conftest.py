@@ -53,3 +53,11 @@ def vllm_qwen2(tiny_qwen2):
     llm = make_llm(tiny_qwen2)
     yield llm
     del llm
+
+
+@pytest.fixture(scope="session")
+def real_gemma() -> str:
+    """google/gemma-3-270m from the registry package (the `real` extra), converted once into DEFINEMED_CACHE."""
+    from definemed.models import resolve_model
+
+    return resolve_model("real://gemma-3-270m")

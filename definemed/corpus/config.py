@@ -6,7 +6,8 @@ from typing import Literal
 
 from pydantic import Field, ValidationInfo, field_validator
 
-from definemed.config import InputPath, ModelInput, StageConfig, StrictModel
+from definemed.config import InputPath, StageConfig, StrictModel
+from definemed.models.registry import ModelRef
 from definemed.data.loaders import MCSourceConfig, WebSourceConfig
 from definemed.engine import EngineConfig
 
@@ -39,7 +40,7 @@ class AnnotateConfig(_WebStage):
     prompt_version: str = "v1"
     max_doc_chars: int = Field(4000, ge=100)  # the document is cut to this many characters inside the prompt
     backend: Literal["vllm", "http"] = "vllm"
-    model: ModelInput = "tiny://qwen2"  # vLLM backend: tiny://..., a local path or a hub id
+    model: ModelRef = "tiny://qwen2"  # vLLM backend: tiny://..., a local path or a hub id
     engine: EngineConfig = EngineConfig(max_model_len=2048)
     min_replicas: int = Field(1, ge=1, description="vLLM engine replicas (Ray Data actors) started first")
     max_replicas: int = Field(1, ge=1, description="Ray Data grows up to this many replicas while the cluster has "
@@ -84,7 +85,7 @@ class ClassifyConfig(StageConfig):
     # annotator's labels are noise, so training on them would prove nothing).
     label_source: Literal["llm", "gold"] = "llm"
     gold_column: str = "gold_label"
-    model: ModelInput = "tiny://xlm-roberta"
+    model: ModelRef = "tiny://xlm-roberta"
     num_workers: int = Field(2, ge=1)  # Ray Train data-parallel workers
     use_gpu: bool = False
     epochs: int = Field(3, ge=1)

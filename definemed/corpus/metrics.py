@@ -59,22 +59,22 @@ def pr_curve(scores: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.nda
 
 def bootstrap_prf(y_true: np.ndarray, y_pred: np.ndarray, n_boot: int = 1000, seed: int = 0,
                   alpha: float = 0.05) -> dict[str, dict[str, float]]:
-    """Point estimates plus percentile bootstrap CIs and standard deviations (documents resampled)."""
-    y_true = np.asarray(y_true, dtype=bool)
-    y_pred = np.asarray(y_pred, dtype=bool)
-    c = counts(y_true, y_pred)
+    """Point estimates plus percentile bootstrap CIs and standard deviations (documents resampled), through the
+    project's one bootstrap (definemed.eval.stats.bootstrap_ci)."""
+    from definemed.eval.stats import bootstrap_ci
+
+    rows = np.column_stack([np.asarray(y_true, dtype=bool), np.asarray(y_pred, dtype=bool)]).astype(float)
+    c = counts(rows[:, 0], rows[:, 1]) if len(rows) else {"tp": 0, "fp": 0, "fn": 0, "tn": 0}
     point = prf(c["tp"], c["fp"], c["fn"])
-    rng = np.random.default_rng(seed)
-    n = len(y_true)
-    samples = {k: [] for k in point}
-    for _ in range(n_boot if n else 0):
-        idx = rng.integers(0, n, n)
-        cb = counts(y_true[idx], y_pred[idx])
-        for k, v in prf(cb["tp"], cb["fp"], cb["fn"]).items():
-            samples[k].append(v)
     out = {}
     for k, v in point.items():
-        arr = np.asarray(samples[k]) if samples[k] else np.asarray([v])
-        out[k] = {"value": float(v), "ci_low": float(np.quantile(arr, alpha / 2)),
-                  "ci_high": float(np.quantile(arr, 1 - alpha / 2)), "std": float(np.std(arr))}
+        def stat(r, k=k):
+            cb = counts(r[:, 0], r[:, 1])
+            return prf(cb["tp"], cb["fp"], cb["fn"])[k]
+
+        est = bootstrap_ci(rows, stat=stat, n_boot=n_boot, alpha=alpha, seed=seed) if len(rows) else None
+        if est is None or np.isnan(est.lo):
+            out[k] = {"value": float(v), "ci_low": float(v), "ci_high": float(v), "std": 0.0}
+        else:
+            out[k] = {"value": float(v), "ci_low": est.lo, "ci_high": est.hi, "std": est.std}
     return out

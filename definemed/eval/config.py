@@ -16,13 +16,18 @@ from definemed.engine import EngineConfig
 from definemed.eval.client import EndpointConfig
 from definemed.eval.generate import GenerationConfig
 from definemed.eval.judge import JudgeConfig
+from definemed.eval.frontier import FrontierConfig
 from definemed.eval.mc import MCPromptConfig, MCScoringConfig
+from definemed.eval.perplexity import PerplexityConfig
+from definemed.models.registry import ModelRef
 
 _NAME = r"^[A-Za-z0-9._\-]+$"
 
 
-class ModelRef(StrictModel):
-    path: InputPath | None = Field(None, description="model dir, tiny://name or an existing path; needed for MC "
+class EvalModel(StrictModel):
+    """One evaluated model: its weights (`path`, any model reference) and/or a running endpoint."""
+
+    path: ModelRef | None = Field(None, description="tiny://name, real://name, a hub id or a model dir; needed for MC "
                                                      "scoring and for hosting with the serve app")
     endpoint: EndpointConfig | None = Field(None, description="an already running OpenAI-compatible endpoint; "
                                                               "default: host `path` with our serve app")
@@ -30,7 +35,7 @@ class ModelRef(StrictModel):
     tokenizer: str | None = Field(None, description="tokenizer for token counts (default: path)")
 
     @model_validator(mode="after")
-    def _reachable(self) -> "ModelRef":
+    def _reachable(self) -> "EvalModel":
         if self.path is None and self.endpoint is None:
             raise ValueError("give `path` (hosted by the serve app) or `endpoint` (an OpenAI-compatible server)")
         return self
@@ -83,11 +88,13 @@ class ReportConfig(StrictModel):
 
 
 class EvalConfig(StageConfig):
-    models: dict[str, ModelRef] = Field(min_length=1, description="name -> model (e.g. base, cpt, merged, "
+    models: dict[str, EvalModel] = Field(min_length=1, description="name -> model (e.g. base, cpt, merged, "
                                                                   "reference)")
-    judge: ModelRef | None = None
+    judge: EvalModel | None = None
     mc: MCConfig | None = None
     pairwise: PairwiseConfig | None = None
+    perplexity: PerplexityConfig | None = None
+    frontier: FrontierConfig | None = None
     failure_modes: FailureModesConfig | None = FailureModesConfig()
     hosting: HostingConfig = HostingConfig()
     report: ReportConfig = ReportConfig()
@@ -99,8 +106,10 @@ class EvalConfig(StageConfig):
         for name in self.models:
             if not re.match(_NAME, name) or name == "judge":
                 raise ValueError(f"model name {name!r}: use letters, digits, '.', '_', '-' (and not 'judge')")
-        if self.mc is None and self.pairwise is None:
-            raise ValueError("mc, pairwise: nothing to evaluate, configure at least one")
+        if self.mc is None and self.pairwise is None and self.perplexity is None:
+            raise ValueError("mc, pairwise, perplexity: nothing to evaluate, configure at least one")
+        self._check_perplexity()
+        self._check_chat_templates()
         if self.mc is not None:
             for m in self.mc.models or []:
                 if m not in self.models:
@@ -119,6 +128,45 @@ class EvalConfig(StageConfig):
                     raise ValueError(f"pairwise.pairs: a model cannot be compared with itself ({a!r})")
         return self
 
+    def _check_perplexity(self) -> None:
+        if self.perplexity is not None:
+            for m in self.perplexity.models or []:
+                if m not in self.models or self.models[m].path is None:
+                    raise ValueError(f"perplexity.models: {m!r} is not a model with a `path` (perplexity needs "
+                                     "the weights)")
+        if self.frontier is not None:
+            if self.perplexity is None:
+                raise ValueError("frontier: needs the `perplexity` section (its points are scored on its sets)")
+            for field, m in [("model_a", self.frontier.model_a), ("model_b", self.frontier.model_b),
+                             *[("marked", x) for x in self.frontier.marked]]:
+                if m not in self.perplexity_models():
+                    raise ValueError(f"frontier.{field}: {m!r} is not among the perplexity models "
+                                     f"({', '.join(self.perplexity_models())})")
+
+    def _check_chat_templates(self) -> None:
+        """Chat needs a template: a model answering clinical prompts or judging, or MC with chat prompts."""
+        from definemed.models.registry import has_chat_template
+
+        chat: dict[str, str] = {}
+        if self.pairwise is not None:
+            in_pairs = {m for pair in self.pairwise.pairs for m in pair}
+            for m in (self.models if self.failure_modes is not None else in_pairs):
+                chat[m] = f"models.{m}"
+            chat["judge"] = "judge"
+        if self.mc is not None and self.mc.prompt.chat_template:
+            for m in self.mc_models():
+                chat.setdefault(m, f"models.{m}")
+        for name, field in chat.items():
+            ref = self.judge if name == "judge" else self.models[name]
+            if ref is not None and ref.endpoint is None and ref.path and has_chat_template(ref.path) is False:
+                raise ValueError(f"{field}.path: {ref.path} has no chat template, but this evaluation chats with "
+                                 "it (pairwise answers, judging or chat-format MC)")
+
+    def perplexity_models(self) -> list[str]:
+        if self.perplexity is None:
+            return []
+        return self.perplexity.models or [n for n, r in self.models.items() if r.path]
+
     def mc_models(self) -> list[str]:
         if self.mc is None:
             return []
@@ -136,4 +184,7 @@ class EvalConfig(StageConfig):
                 out[f"mc.{s.benchmark or i}"] = s.path
         if self.pairwise is not None:
             out["prompts"] = self.pairwise.prompts
+        if self.perplexity is not None:
+            for name, st in self.perplexity.sets.items():
+                out[f"perplexity.{name}"] = st.path
         return out

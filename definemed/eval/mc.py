@@ -202,7 +202,8 @@ class TransformersScorer:
                 if all(len(c) == 1 for c in conts):  # one pass: next-token distribution after the prompt
                     ids, cut = _fit(base, conts[0], self.max_len)
                     self.truncated += int(cut)
-                    logits = self.model(torch.tensor([ids]), use_cache=False).logits[0, -1].float()
+                    # only the last position's logits: the vocabulary head is most of a small model's FLOPs
+                    logits = self.model(torch.tensor([ids]), use_cache=False, logits_to_keep=1).logits[0, -1].float()
                     lp = torch.log_softmax(logits, -1)
                     row = [float(lp[c[0]]) for c in conts]
                 else:

@@ -9,35 +9,18 @@ from pathlib import Path
 from typing import Any
 
 from definemed.io import atomic_write_text
+from definemed.models import is_meaningless_model
 
 MEANINGLESS_NOTE = ("**The numbers in this report carry no meaning.** At least one model is a tiny randomly "
                     "initialised model (or was trained from one); the report proves the evaluation code paths, "
                     "not model quality.")
 
 
-def _is_tiny_path(ref: str | None) -> bool:
-    if not ref:
-        return False
-    if str(ref).startswith("tiny://"):
-        return True
-    p = Path(ref)
-    if not p.exists():
-        return False
-    if (p / "TINY_MODEL.md").exists():
-        return True
-    # a model trained or merged from a tiny one says so in its lineage manifest (or its stage's)
-    for d in (p, p.parent, p.parent.parent):
-        f = d / "lineage.json"
-        if f.exists() and "tiny://" in f.read_text(encoding="utf-8", errors="ignore"):
-            return True
-    return False
-
-
 def is_meaningless(cfg) -> bool:
     if cfg.report.meaningless is not None:
         return cfg.report.meaningless
     refs = list(cfg.models.values()) + ([cfg.judge] if cfg.judge is not None else [])
-    return any(_is_tiny_path(r.path) for r in refs)
+    return any(is_meaningless_model(r.path) for r in refs)
 
 
 def _pct(x: float | None) -> str:
@@ -129,94 +112,168 @@ def plot_verbosity(rows: list[dict], path: Path) -> Path:
     return _finish(plt, fig, ax, path, "answers", "Verbosity", 8)
 
 
+def plot_perplexity(rows: list[dict], path: Path) -> Path:
+    """Perplexity per model and set (one backend: transformers when present), with bootstrap CIs."""
+    plt = _plt()
+    backend = "transformers" if any(r["backend"] == "transformers" for r in rows) else rows[0]["backend"]
+    rows = [r for r in rows if r["backend"] == backend]
+    models = list(dict.fromkeys(r["model"] for r in rows))
+    sets = sorted({r["set"] for r in rows})
+    by = {(r["model"], r["set"]): r for r in rows}
+    width = 0.8 / max(1, len(sets))
+    fig, ax = plt.subplots(figsize=(max(6, 1.1 * len(models) + 2), 4))
+    for i, st in enumerate(sets):
+        xs = [m + (i - (len(sets) - 1) / 2) * width for m in range(len(models))]
+        r = [by.get((m, st)) for m in models]
+        ys = [x["value"] if x else 0 for x in r]
+        err = [[max(0.0, x["value"] - x["lo"]) if x else 0 for x in r], [max(0.0, x["hi"] - x["value"]) if x else 0
+                                                                          for x in r]]
+        ax.bar(xs, ys, width, yerr=err, capsize=2, label=st)
+    ax.set_xticks(range(len(models)), models, rotation=30, ha="right", fontsize=8)
+    return _finish(plt, fig, ax, path, f"perplexity ({backend}, 95% bootstrap CI)",
+                   "Held-out perplexity (lower is better)", 8)
+
+
 # ---------------------------------------------------------------- markdown
+def _md_models(cfg) -> list[str]:
+    rows = []
+    for name, ref in cfg.models.items():
+        via = f"endpoint {ref.endpoint.base_url} (model {ref.endpoint.model})" if ref.endpoint else "serve app"
+        rows.append([name, ref.path or "", via])
+    if cfg.judge is not None:
+        rows.append(["judge", cfg.judge.path or "", f"endpoint {cfg.judge.endpoint.base_url}" if cfg.judge.endpoint
+                     else "serve app"])
+    return ["## Models", "", _table(["model", "weights", "answers via"], rows), ""]
+
+
+def _md_mc(mc: dict, plots: dict[str, str]) -> list[str]:
+    models = sorted({r["model"] for r in mc["table"]})
+    by = {(r["benchmark"], r["subject"], r["model"]): r for r in mc["table"]}
+    groups = sorted({(r["benchmark"], r["subject"]) for r in mc["table"]},
+                    key=lambda g: (g[0], g[1] == "overall", g[1]))
+    trows = []
+    for b, s in groups:
+        n = next(by[(b, s, m)]["n"] for m in models if (b, s, m) in by)
+        cells = []
+        for m in models:
+            r = by.get((b, s, m))
+            cells.append("" if r is None else _ci({"value": r["accuracy"], "lo": r["lo"], "hi": r["hi"], "n": r["n"]})
+                         + (f" ({r['unparsed']} unparsed)" if r["unparsed"] else ""))
+        trows.append([b, f"**{s}**" if s == "overall" else s, n, *cells])
+    sc, pr = mc["scoring"], mc["prompt"]
+    how = ("log-likelihood of the answer letters" if sc["mode"] == "loglik" else "generate and parse")
+    md = ["## Multiple choice", "",
+          f"Accuracy in % with 95% bootstrap CIs. Scoring: {how} ({sc['backend']}); "
+          f"{pr['shots']}-shot German prompts.", "",
+          _table(["benchmark", "subject", "n", *models], trows), ""]
+    if "mc" in plots:
+        md += [f"![accuracy per subject]({plots['mc']})", ""]
+    return md
+
+
+def _md_pairwise(pw: dict, plots: dict[str, str]) -> list[str]:
+    rows = []
+    for c in pw["comparisons"]:
+        rows.append([f"{c['candidate']} vs {c['opponent']}", c["n"], c["win"], c["tie"], c["loss"],
+                     c["unparsed"], _ci(c["win_rate"]), _ci(c["lc_win_rate"]), _ci(c["position_consistency"]),
+                     f"{c['mean_len_candidate']:.0f} / {c['mean_len_opponent']:.0f}"])
+    md = ["## Pairwise win-rate", "",
+          f"Judge: `{pw['judge']}`, German rubric (correctness, completeness, safety, language). Every pair "
+          "is judged in both orders; disagreeing verdicts count as a tie. Win-rate = (wins + ½ ties) / n "
+          "over parsed pairs, in %, with 95% bootstrap CIs. Length-controlled (LC): logistic model of the "
+          "outcome on tanh(length difference / sd), read at zero difference (AlpacaEval-LC style). "
+          f"Unparsed judge outputs: {pw['unparsed_judgments']} of {pw['judgments']} judgments; a pair with "
+          "an unparsed verdict is counted as `unparsed` and left out of n.", "",
+          _table(["comparison", "n", "wins", "ties", "losses", "unparsed", "win-rate %", "LC win-rate %",
+                  "position consistency %", "mean words (cand / opp)"], rows), ""]
+    if "win_rate" in plots:
+        md += [f"![win-rates]({plots['win_rate']})", ""]
+    return md
+
+
+def _md_failure_modes(fm: list[dict], plots: dict[str, str]) -> list[str]:
+    rows = []
+    for r in fm:
+        tok = "n/a" if r["tokens_mean"] is None else f"{r['tokens_mean']:.0f}"
+        flag = lambda k: "n/a" if r[k] is None else r[k]  # noqa: E731
+        rows.append([r["model"], r["answers"], f"{r['language_mixing']}/{r['answers']}",
+                     f"{r['words_mean']:.0f} / {r['words_median']:.0f}", tok, r["typos"],
+                     r["answers_with_typos"], flag("hallucination"), flag("overconfidence"), flag("contradiction")])
+    md = ["## Failure modes", "",
+          "Per model, on the same prompts. Language mixing: answers with at least one non-German sentence "
+          "(sentence-level offline language ID, lingua). Typos: German hunspell (de_DE, compound-aware) "
+          "outside foreign sentences, with a medical-term allowlist. Hallucination / overconfidence / "
+          "contradiction: answers the judge labelled so in more than half of its judgments of them.", "",
+          _table(["model", "answers", "language mixing", "words mean / median", "tokens mean", "typos",
+                  "answers with typos", "hallucination", "overconfidence", "contradiction"], rows), ""]
+    if "verbosity" in plots:
+        md += [f"![verbosity]({plots['verbosity']})", ""]
+    ex = [(r["model"], k, v) for r in fm for k, vs in r["examples"].items() for v in vs[:3]]
+    if ex:
+        md += ["<details><summary>Examples</summary>", "", _table(["model", "kind", "example"], ex), "",
+               "</details>", ""]
+    return md
+
+
+def _num(x: float, fmt: str = ".2f") -> str:
+    return "n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else format(x, fmt)
+
+
+def _md_perplexity(ppl: dict, plots: dict[str, str]) -> list[str]:
+    rows = []
+    for r in ppl["table"]:
+        agree = "" if "agree" not in r else ("yes" if r["agree"] else "**no**") + f" ({100 * r['rel_diff']:.2f}%)"
+        rows.append([r["model"], r["set"], r["backend"], f"{_num(r['value'])} [{_num(r['lo'])}, {_num(r['hi'])}]",
+                     r["docs"], r["tokens"], agree])
+    md = ["## Held-out perplexity", "",
+          f"Token-weighted perplexity (exp of the summed token NLL over all predicted tokens), each document cut to "
+          f"its first {ppl['max_tokens']} tokens and opened with the tokenizer's special tokens; 95% bootstrap CI "
+          "over documents. Lower is better. The backends compute the same NLLs from the same token ids (vLLM "
+          f"prompt logprobs, transformers fp32 forward); they agree when within {100 * ppl['tolerance']:.0f}% "
+          "of each other.", "",
+          _table(["model", "set", "backend", "perplexity [95% CI]", "docs", "tokens", "backends agree"], rows), ""]
+    if "perplexity" in plots:
+        md += [f"![perplexity]({plots['perplexity']})", ""]
+    return md
+
+
+def _md_frontier(fr: dict, plots: dict[str, str]) -> list[str]:
+    rows = [r for r in fr["rows"]]
+    sets = sorted({k[4:] for r in rows for k in r if k.startswith("ppl_") and not k.endswith(("_lo", "_hi"))})
+    trows = [[r["model"], "" if r["t"] is None else f"{r['t']:g}", *[_num(r[f"ppl_{s}"]) for s in sets],
+              _pct(r["mc_accuracy"])] for r in rows]
+    md = ["## Merge frontier", "",
+          f"SLERP from `{fr['model_a']}` (t = 0) to `{fr['model_b']}` (t = 1) with one t for every tensor, each "
+          "point scored on the perplexity sets and the MC items (accuracy pooled over all items, in %). Marked "
+          "models (e.g. the study's layer-wise schedule) sit off the uniform curve when the schedule buys a "
+          "better trade.", "",
+          _table(["model", "t", *[f"{s} perplexity" for s in sets], "MC accuracy %"], trows), ""]
+    if "frontier" in plots:
+        md += [f"![merge frontier]({plots['frontier']})", ""]
+    return md
+
+
+_LINEAGE = ["## Lineage", "", "Resolved config, package versions, git revision and input hashes: "
+            "[`lineage.json`](lineage.json). Raw results: [`results.json`](results.json); answers: "
+            "`answers.json`; cached requests: `cache/`; MC predictions: `mc/`; per-document NLLs: `perplexity/`.", ""]
+
+
 def render_markdown(cfg, results: dict, plots: dict[str, str]) -> str:
     md = [f"# {cfg.report.title}", ""]
     if results.get("meaningless"):
         md += [f"> {MEANINGLESS_NOTE}", ""]
-    md += ["## Models", ""]
-    rows = []
-    for name, ref in cfg.models.items():
-        where = ref.path or ""
-        via = f"endpoint {ref.endpoint.base_url} (model {ref.endpoint.model})" if ref.endpoint else "serve app"
-        rows.append([name, where, via])
-    if cfg.judge is not None:
-        rows.append(["judge", cfg.judge.path or "", f"endpoint {cfg.judge.endpoint.base_url}" if cfg.judge.endpoint
-                     else "serve app"])
-    md += [_table(["model", "weights", "answers via"], rows), ""]
-
-    mc = results.get("mc")
-    if mc:
-        models = sorted({r["model"] for r in mc["table"]})
-        by = {(r["benchmark"], r["subject"], r["model"]): r for r in mc["table"]}
-        groups = sorted({(r["benchmark"], r["subject"]) for r in mc["table"]},
-                        key=lambda g: (g[0], g[1] == "overall", g[1]))
-        trows = []
-        for b, s in groups:
-            n = next(by[(b, s, m)]["n"] for m in models if (b, s, m) in by)
-            cells = []
-            for m in models:
-                r = by.get((b, s, m))
-                cells.append("" if r is None else _ci({"value": r["accuracy"], "lo": r["lo"], "hi": r["hi"],
-                                                      "n": r["n"]}) + (f" ({r['unparsed']} unparsed)"
-                                                                       if r["unparsed"] else ""))
-            trows.append([b, f"**{s}**" if s == "overall" else s, n, *cells])
-        sc, pr = mc["scoring"], mc["prompt"]
-        how = ("log-likelihood of the answer letters" if sc["mode"] == "loglik" else "generate and parse")
-        md += ["## Multiple choice", "",
-               f"Accuracy in % with 95% bootstrap CIs. Scoring: {how} ({sc['backend']}); "
-               f"{pr['shots']}-shot German prompts.", "",
-               _table(["benchmark", "subject", "n", *models], trows), ""]
-        if "mc" in plots:
-            md += [f"![accuracy per subject]({plots['mc']})", ""]
-
-    pw = results.get("pairwise")
-    if pw:
-        rows = []
-        for c in pw["comparisons"]:
-            rows.append([f"{c['candidate']} vs {c['opponent']}", c["n"], c["win"], c["tie"], c["loss"],
-                         c["unparsed"], _ci(c["win_rate"]), _ci(c["lc_win_rate"]), _ci(c["position_consistency"]),
-                         f"{c['mean_len_candidate']:.0f} / {c['mean_len_opponent']:.0f}"])
-        md += ["## Pairwise win-rate", "",
-               f"Judge: `{pw['judge']}`, German rubric (correctness, completeness, safety, language). Every pair "
-               "is judged in both orders; disagreeing verdicts count as a tie. Win-rate = (wins + ½ ties) / n "
-               "over parsed pairs, in %, with 95% bootstrap CIs. Length-controlled (LC): logistic model of the "
-               "outcome on tanh(length difference / sd), read at zero difference (AlpacaEval-LC style). "
-               f"Unparsed judge outputs: {pw['unparsed_judgments']} of {pw['judgments']} judgments; a pair with "
-               "an unparsed verdict is counted as `unparsed` and left out of n.", "",
-               _table(["comparison", "n", "wins", "ties", "losses", "unparsed", "win-rate %", "LC win-rate %",
-                       "position consistency %", "mean words (cand / opp)"], rows), ""]
-        if "win_rate" in plots:
-            md += [f"![win-rates]({plots['win_rate']})", ""]
-
-    fm = results.get("failure_modes")
-    if fm:
-        rows = []
-        for r in fm:
-            tok = "n/a" if r["tokens_mean"] is None else f"{r['tokens_mean']:.0f}"
-            flag = lambda k: "n/a" if r[k] is None else r[k]  # noqa: E731
-            rows.append([r["model"], r["answers"], f"{r['language_mixing']}/{r['answers']}",
-                         f"{r['words_mean']:.0f} / {r['words_median']:.0f}", tok, r["typos"],
-                         r["answers_with_typos"], flag("hallucination"), flag("overconfidence"),
-                         flag("contradiction")])
-        md += ["## Failure modes", "",
-               "Per model, on the same prompts. Language mixing: answers with at least one non-German sentence "
-               "(sentence-level offline language ID, lingua). Typos: German hunspell (de_DE, compound-aware) "
-               "outside foreign sentences, with a medical-term allowlist. Hallucination / overconfidence / "
-               "contradiction: answers the judge labelled so in more than half of its judgments of them.", "",
-               _table(["model", "answers", "language mixing", "words mean / median", "tokens mean", "typos",
-                       "answers with typos", "hallucination", "overconfidence", "contradiction"], rows), ""]
-        if "verbosity" in plots:
-            md += [f"![verbosity]({plots['verbosity']})", ""]
-        ex = [(r["model"], k, v) for r in fm for k, vs in r["examples"].items() for v in vs[:3]]
-        if ex:
-            md += ["<details><summary>Examples</summary>", "", _table(["model", "kind", "example"], ex), "",
-                   "</details>", ""]
-
-    md += ["## Lineage", "", "Resolved config, package versions, git revision and input hashes: "
-           "[`lineage.json`](lineage.json). Raw results: [`results.json`](results.json); answers: "
-           "`answers.json`; cached requests: `cache/`; MC predictions: `mc/`.", ""]
-    return "\n".join(md)
+    md += _md_models(cfg)
+    if results.get("perplexity"):
+        md += _md_perplexity(results["perplexity"], plots)
+    if results.get("frontier"):
+        md += _md_frontier(results["frontier"], plots)
+    if results.get("mc"):
+        md += _md_mc(results["mc"], plots)
+    if results.get("pairwise"):
+        md += _md_pairwise(results["pairwise"], plots)
+    if results.get("failure_modes"):
+        md += _md_failure_modes(results["failure_modes"], plots)
+    return "\n".join(md + _LINEAGE)
 
 
 def render_html(markdown_text: str, title: str) -> str:
@@ -244,6 +301,16 @@ def write_report(cfg, results: dict, out: Path) -> dict[str, str]:
         if results.get("pairwise") and results["pairwise"]["comparisons"]:
             plots["win_rate"] = plot_win_rates(results["pairwise"]["comparisons"],
                                                pdir / "win_rates.png").relative_to(out).as_posix()
+        if results.get("perplexity"):
+            plots["perplexity"] = plot_perplexity(results["perplexity"]["table"],
+                                                  pdir / "perplexity.png").relative_to(out).as_posix()
+        if results.get("frontier"):
+            from definemed.eval.frontier import plot_frontier
+
+            sets = sorted({r["set"] for r in results["perplexity"]["table"]})
+            x_set, y_set = ("general", "medical") if {"general", "medical"} <= set(sets) else (sets[-1], sets[0])
+            plots["frontier"] = plot_frontier(results["frontier"]["rows"], pdir / "frontier.png", x_set, y_set,
+                                              title=cfg.report.title + ": merge frontier").relative_to(out).as_posix()
         if results.get("failure_modes"):
             plots["verbosity"] = plot_verbosity(results["failure_modes"],
                                                 pdir / "verbosity.png").relative_to(out).as_posix()

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -17,7 +18,7 @@ from definemed.data.loaders import load_mc_items, load_prompts
 from definemed.data.schemas import MCItem, PromptItem
 from definemed.eval.cache import stable_key
 from definemed.eval.client import Endpoint, endpoint_from_config
-from definemed.eval.config import EvalConfig, ModelRef
+from definemed.eval.config import EvalConfig, EvalModel
 from definemed.io import atomic_write_json, atomic_write_text
 from definemed.lineage import write_manifest
 
@@ -52,13 +53,34 @@ def _score_model(name: str, path: str, engine: dict, items: list[dict], prompts:
         gc.collect()
 
 
-def run_mc(cfg: EvalConfig, out: Path) -> list[dict]:
+def _task_options(engine, cpus: int = 1) -> tuple[Any, dict[str, Any]]:
+    """The engine with its device fixed (from config and the Ray cluster, never this driver), and the Ray task
+    options for it: the engine's GPUs, or `cpus` CPUs on CPU (Ray sets a task's torch threads to its num_cpus)."""
+    from definemed.engine import task_resources
+
+    engine = engine.resolve()
+    opts = task_resources(engine)
+    if not opts.get("num_gpus"):
+        opts["num_cpus"] = cpus
+    return engine, opts
+
+
+def _scored_models(cfg: EvalConfig, names: list[str], extra: dict[str, str] | None = None) -> dict[str, tuple]:
+    """name -> (resolved path, engine config) for config models, plus extra (name -> dir, e.g. frontier points)
+    with the engine of the first of them."""
+    from definemed.models import resolve_model
+
+    out = {n: (resolve_model(cfg.models[n].path), cfg.models[n].engine) for n in names}
+    engine = cfg.models[names[0]].engine if names else next(iter(cfg.models.values())).engine
+    out.update({n: (p, engine) for n, p in (extra or {}).items()})
+    return out
+
+
+def run_mc(cfg: EvalConfig, out: Path, extra: dict[str, str] | None = None) -> list[dict]:
     import ray
     from tqdm import tqdm
 
-    from definemed.engine import task_resources
     from definemed.eval.mc import build_prompts
-    from definemed.models import resolve_model
 
     assert cfg.mc is not None
     items: list[MCItem] = []
@@ -68,10 +90,12 @@ def run_mc(cfg: EvalConfig, out: Path) -> list[dict]:
     prompts = build_prompts(items, cfg.mc.prompt, generate=generate)
     out.mkdir(parents=True, exist_ok=True)
     all_preds: list[dict] = []
-    for name in tqdm(cfg.mc_models(), desc="mc models", unit="model"):
-        ref = cfg.models[name]
-        path = resolve_model(ref.path)
-        fp = stable_key("mc", path, ref.engine.model_dump(), cfg.mc.model_dump(mode="json"),
+    for name, (path, engine) in tqdm(_scored_models(cfg, cfg.mc_models(), extra).items(), desc="mc models",
+                                     unit="model"):
+        scoring = cfg.mc.scoring
+        if extra and name in extra and cfg.frontier is not None:  # frontier points: the frontier's backend
+            scoring = scoring.model_copy(update={"backend": cfg.frontier.backends[0]})
+        fp = stable_key("mc", path, engine.model_dump(), cfg.mc.model_dump(mode="json"), scoring.model_dump(),
                         [it.model_dump() for it in items])
         f = out / f"{name}.json"
         if f.exists():
@@ -80,15 +104,52 @@ def run_mc(cfg: EvalConfig, out: Path) -> list[dict]:
                 log.info("[mc] %s: reusing %s", name, f)
                 all_preds += saved["predictions"]
                 continue
-        engine = ref.engine.resolve()  # CPU or GPU from config and the cluster; the task does not decide again
-        task = ray.remote(max_retries=0, **task_resources(engine))(_score_model)
+        cpus = (os.cpu_count() or 1) if scoring.backend == "transformers" else 1  # torch threads = task CPUs
+        engine, opts = _task_options(engine, cpus=cpus)
+        task = ray.remote(max_retries=0, **opts)(_score_model)
         preds = ray.get(task.remote(name, path, engine.model_dump(), [it.model_dump() for it in items],
-                                    prompts, cfg.mc.scoring.model_dump(), cfg.mc.prompt.chat_template))
+                                    prompts, scoring.model_dump(), cfg.mc.prompt.chat_template))
         if len(preds) != len(items):
             raise RuntimeError(f"[mc] {name}: {len(preds)} predictions for {len(items)} items")
         atomic_write_json(f, {"fingerprint": fp, "model": name, "path": path, "predictions": preds})
         all_preds += preds
     return all_preds
+
+
+# ---------------------------------------------------------------- perplexity
+def run_perplexity(cfg: EvalConfig, out: Path, extra: dict[str, str] | None = None) -> dict[str, dict]:
+    """Per model and set: predicted-token counts and summed NLLs per document under each backend (cached per
+    model; extra models, the frontier's points, use the frontier's backends)."""
+    import ray
+    from tqdm import tqdm
+
+    from definemed.eval.perplexity import fingerprint_sets, load_set, prepare_docs, read_cached, score_model
+
+    pc = cfg.perplexity
+    assert pc is not None
+    sets = {name: load_set(st) for name, st in pc.sets.items()}
+    for name, docs in sets.items():
+        if not docs:
+            raise ConfigError(f"invalid config field 'perplexity.sets.{name}': no documents in {pc.sets[name].path}")
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(out / "documents.json", {n: [i for i, _ in d] for n, d in sets.items()})
+    results: dict[str, dict] = {}
+    for name, (path, engine) in tqdm(_scored_models(cfg, cfg.perplexity_models(), extra).items(),
+                                     desc="perplexity models", unit="model"):
+        backends = list(cfg.frontier.backends if extra and name in extra else pc.backends)
+        fp = stable_key("ppl", path, engine.model_dump(), backends, pc.max_tokens, fingerprint_sets(sets))
+        f = out / f"{name}.json"
+        cached = read_cached(f, fp)
+        if cached is None:
+            docs = prepare_docs(path, sets, pc.max_tokens)
+            # On the CPU build the forward pass is the only work running: give it every core (Ray sets a
+            # task's torch threads to its num_cpus).
+            engine, opts = _task_options(engine, cpus=os.cpu_count() or 1)
+            task = ray.remote(max_retries=0, **opts)(score_model)
+            cached = ray.get(task.remote(path, docs, backends, engine.model_dump()))
+            atomic_write_json(f, {"fingerprint": fp, "model": name, "path": path, "per_set": cached})
+        results[name] = cached
+    return results
 
 
 # ---------------------------------------------------------------- hosting
@@ -127,7 +188,7 @@ class Hosting:
             self._ep = launch(scfg)
         return self._ep.base_url, self._ep.api_key
 
-    def endpoint(self, name: str, ref: ModelRef) -> Endpoint:
+    def endpoint(self, name: str, ref: EvalModel) -> Endpoint:
         if ref.endpoint is not None:
             return endpoint_from_config(ref.endpoint)
         return Endpoint(base_url=None, model=self.ids[name], resolve=self._launch)
@@ -181,7 +242,7 @@ def run_pairwise(cfg: EvalConfig, out: Path, hosting: Hosting) -> dict[str, Any]
 
 
 # ---------------------------------------------------------------- failure modes
-def _tokenizer(ref: ModelRef):
+def _tokenizer(ref: EvalModel):
     from definemed.models import resolve_model
 
     src = ref.tokenizer or ref.path
@@ -216,6 +277,29 @@ def run_failure_modes(cfg: EvalConfig, pair: dict[str, Any]) -> list[dict]:
     return rows
 
 
+def _scored_paths(cfg: EvalConfig) -> dict[str, str]:
+    from definemed.models import resolve_model
+
+    return {n: resolve_model(r.path) for n, r in cfg.models.items() if r.path}
+
+
+def _add_perplexity(cfg: EvalConfig, out: Path, points: dict[str, str], preds: list[dict],
+                    results: dict[str, Any]) -> None:
+    from definemed.eval.frontier import cleanup, frontier_rows
+    from definemed.eval.perplexity import summarize
+
+    per_doc = run_perplexity(cfg, out / "perplexity", extra=points or None)
+    pc = cfg.perplexity
+    rows = summarize(per_doc, n_boot=cfg.report.n_boot, seed=cfg.report.seed, tolerance=pc.agreement_tolerance)
+    results["perplexity"] = {"table": rows, "max_tokens": pc.max_tokens, "backends": pc.backends,
+                             "sets": {n: st.model_dump(mode="json") for n, st in pc.sets.items()},
+                             "tolerance": pc.agreement_tolerance}
+    if cfg.frontier is not None:
+        results["frontier"] = {"rows": frontier_rows(cfg.frontier, rows, preds), **cfg.frontier.model_dump()}
+        if not cfg.frontier.keep_models:
+            cleanup(points)
+
+
 # ---------------------------------------------------------------- stage entry
 def run(cfg: EvalConfig) -> dict[str, str]:
     from definemed.eval.report import is_meaningless, write_report
@@ -225,10 +309,16 @@ def run(cfg: EvalConfig) -> dict[str, str]:
     for ref in results["models"].values():
         if ref.get("endpoint"):
             ref["endpoint"].pop("api_key_file", None)
+    points: dict[str, str] = {}
+    if cfg.frontier is not None:
+        from definemed.eval.frontier import build_points
+
+        points = build_points(cfg.frontier, _scored_paths(cfg), out / "frontier")
+    preds: list[dict] = []
     if cfg.mc is not None:
         from definemed.eval.mc import MCPrediction, accuracy_table
 
-        preds = run_mc(cfg, out / "mc")
+        preds = run_mc(cfg, out / "mc", extra=points if cfg.frontier and cfg.frontier.mc else None)
         objs = [MCPrediction(**{k: v for k, v in p.items() if k != "truncated_prompts"}) for p in preds]
         results["mc"] = {"table": accuracy_table(objs, n_boot=cfg.report.n_boot, seed=cfg.report.seed),
                          "prompt": cfg.mc.prompt.model_dump(), "scoring": cfg.mc.scoring.model_dump(),
@@ -243,6 +333,8 @@ def run(cfg: EvalConfig) -> dict[str, str]:
         atomic_write_json(out / "answers.json", {"prompts": pair["prompts"], "answers": pair["answers"]})
         if cfg.failure_modes is not None:
             results["failure_modes"] = run_failure_modes(cfg, pair)
+    if cfg.perplexity is not None:
+        _add_perplexity(cfg, out, points, preds, results)
     results["meaningless"] = is_meaningless(cfg)
     atomic_write_json(out / "results.json", results)
     # the lineage manifest sits beside the report (run_stage rewrites it at the end with the outputs)

@@ -8,10 +8,10 @@ from __future__ import annotations
 import re
 from typing import Literal, Union
 
-from pydantic import AfterValidator, Field, ValidationInfo, field_validator
-from typing_extensions import Annotated
+from pydantic import Field, ValidationInfo, field_validator
 
-from definemed.config import LINEAGE_INPUT, StageConfig, StrictModel, _check_input_path
+from definemed.config import StageConfig, StrictModel
+from definemed.models.registry import ModelRef
 
 DEFAULT_KEY = "default"
 # The study's shape: attention moves from instruct (first layers) to CPT (last layers), MLP the other way round.
@@ -22,32 +22,6 @@ STUDY_SCHEDULE: dict[str, float | list[float]] = {
 }
 
 
-def _looks_like_hub_id(s: str) -> bool:
-    return bool(re.fullmatch(r"[A-Za-z0-9][\w.-]*/[\w.-]+", s))
-
-
-def _check_model_ref(value: str, info: ValidationInfo) -> str:
-    """tiny://name[@seed], a hub id ("Org/name", resolved on the merge node) or a path that must exist
-    (unless an earlier pipeline stage produces it)."""
-    s = str(value).strip()
-    if not s:
-        raise ValueError("empty model reference")
-    if s.startswith("tiny://"):
-        from definemed.models.tiny import SPECS
-        from definemed.models.registry import parse_tiny_ref
-
-        name, _ = parse_tiny_ref(s)
-        if name not in SPECS:
-            raise ValueError(f"unknown tiny model '{name}', choose one of {sorted(SPECS)}")
-        return s
-    from pathlib import Path
-
-    if _looks_like_hub_id(s) and not Path(s).exists():
-        return s
-    return _check_input_path(s, info)
-
-
-ModelRef = Annotated[str, AfterValidator(_check_model_ref), LINEAGE_INPUT]
 Gradient = Union[float, list[float]]
 
 

@@ -68,12 +68,12 @@ def copy_tokenizer(src: str, dst: Path) -> None:
 
 def merge_on_node(cfg: MergeStageConfig, output_dir: str, ref_a: str, ref_b: str) -> dict[str, str]:
     """Body of the Ray task. Validation happens before the first byte is written."""
-    from mergekit.io.tasks import LoaderCache
     from mergekit.merge import MergeOptions, run_merge
 
     from definemed.io import atomic_dir
     from definemed.lineage import hash_path, write_manifest
     from definemed.merge.card import model_card, yaml_header
+    from definemed.merge.mergekit_adapter import release_loaders
     from definemed.merge.methods import to_mergekit
     from definemed.merge.schedule import per_layer
     from definemed.merge.validate import check_compatible, model_dtype
@@ -111,9 +111,7 @@ def merge_on_node(cfg: MergeStageConfig, output_dir: str, ref_a: str, ref_b: str
                            extra={"merge_fingerprint": fingerprint, "model_refs": {"model_a": cfg.model_a,
                                   "model_b": cfg.model_b}, "mergekit": mk_dict, "t_per_layer": schedule, "out_dtype": out_dtype})
     finally:
-        # mergekit keeps open loaders in a process-wide cache; Ray reuses this worker for later merges.
-        LoaderCache().flush_all()
-        LoaderCache.loaders.clear()
+        release_loaders()  # Ray reuses this worker for later merges
     return _outputs(final)
 
 

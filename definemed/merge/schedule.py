@@ -31,12 +31,3 @@ def per_layer(schedule: dict[str, Gradient], num_layers: int) -> list[dict[str, 
         pos = i / (num_layers - 1) if num_layers > 1 else 1.0
         rows.append({"layer": i, **{k: round(t_at(v, pos), 6) for k, v in schedule.items()}})
     return rows
-
-
-def t_for_tensor(schedule: dict[str, Gradient], tensor_name: str, position: float) -> float:
-    """t mergekit gives `tensor_name` at `position` (first filter that is a substring of the name, else
-    default). Tensors outside the layers (embeddings, final norm, lm_head) sit at position 0."""
-    from mergekit.config import ConditionalParameter, evaluate_setting
-
-    setting = [ConditionalParameter.model_validate(c) for c in conditional(schedule)]
-    return float(evaluate_setting(tensor_name, setting, t=position, validate=float))

