@@ -166,8 +166,8 @@ def _mb(b: float) -> str:
 
 def print_table(rows: list[dict]) -> None:
     base = rows[0]
-    print(f"\n| docs | wall s | docs/s | x smallest | peak driver RSS | x smallest | peak object store | spilled | "
-          f"kept | exact dup | near dup | contaminated | FineMed-de | PII |")
+    print("\n| docs | wall s | docs/s | x smallest | peak driver RSS | x smallest | peak object store | spilled | "
+          "kept | exact dup | near dup | contaminated | FineMed-de | PII |")
     print("| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     for r in rows:
         print(f"| {r['n']:,} | {r['wall_s']:.0f} | {r['docs_per_s']:,.0f} | {r['docs_per_s'] / base['docs_per_s']:.2f} | "

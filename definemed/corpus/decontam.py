@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Iterable
 from definemed.text import words as _words
 
 if TYPE_CHECKING:
-    import pandas as pd
+    pass
 
 RULES = ("ngram", "whole_item")
 

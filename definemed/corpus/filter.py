@@ -172,7 +172,6 @@ def write_rows(batch: "pa.Table", out_dir: str) -> "pa.Table":
 
 def write_final(batch: "pa.Table", out_dir: str, removed_dir: str) -> "pa.Table":
     """FineMed-de rows to out_dir, contaminated (id, contaminated_by) to removed_dir; one stats row."""
-    import pyarrow as pa
     import pyarrow.compute as pc
 
     from definemed.corpus.pii import KINDS

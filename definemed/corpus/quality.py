@@ -9,7 +9,6 @@ import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import numpy as np
 
 from definemed.corpus.metrics import bootstrap_prf
 

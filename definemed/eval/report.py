@@ -2,9 +2,7 @@
 from __future__ import annotations
 
 import html
-import json
 import math
-from collections import defaultdict
 from pathlib import Path
 from typing import Any
 

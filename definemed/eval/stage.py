@@ -19,7 +19,7 @@ from definemed.data.schemas import MCItem, PromptItem
 from definemed.eval.cache import stable_key
 from definemed.eval.client import Endpoint, endpoint_from_config
 from definemed.eval.config import EvalConfig, EvalModel
-from definemed.io import atomic_write_json, atomic_write_text
+from definemed.io import atomic_write_json
 from definemed.lineage import write_manifest
 
 log = logging.getLogger(__name__)

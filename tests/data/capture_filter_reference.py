@@ -1,8 +1,7 @@
 """Run the filter on the bundled sample + planted rows and write the reference summary (run once, on the
 filter as it was before it streamed: python tests/data/capture_filter_reference.py OUT.json WORKDIR)."""
-import hashlib, json, sys
+import json, sys
 from pathlib import Path
-import pandas as pd, pyarrow as pa, pyarrow.parquet as pq
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from tests.filter_reference import build_source, filter_cfg, summarise  # noqa
