@@ -61,8 +61,8 @@ STAGES: dict[str, Stage] = {
               "Score the corpus with the classifier (autoscaling actor pool), keep >= threshold, dedup, "
               "decontaminate, redact PII: FineMed-de + stats."),
         Stage("pack", "definemed.train.pack:PackConfig", "definemed.train.pack:run",
-              "Tokenize FineMed-de on Ray Data (EOS per document) and bin-pack it best-fit-decreasing into "
-              "constant-length sequences; padding vs naive one-document-per-row."),
+              "Hold out part of FineMed-de by a seeded id hash, tokenize the rest on Ray Data (BOS/EOS per "
+              "document) and bin-pack it best-fit-decreasing into constant-length sequences."),
         Stage("cpt", "definemed.train.cpt:CptConfig", "definemed.train.cpt:run",
               "Continual pre-training on Ray Train: FSDP2/HSDP, micro batch 1, sharded checkpoints with "
               "automatic resume, MFU metrics, HF safetensors export."),
@@ -71,8 +71,8 @@ STAGES: dict[str, Stage] = {
         Stage("serve-demo", "serve.demo:ServeDemoConfig", "serve.demo:run",
               "Serve the merged model behind the secured OpenAI endpoint, ask one German clinical question, stop."),
         Stage("eval", "definemed.eval.config:EvalConfig", "definemed.eval.stage:run",
-              "MMLU-de/MedQA-de letter scoring, pairwise LLM-judge win-rate (both orders, LC), failure modes "
-              "(language mixing, verbosity, typos, judge flags); one Markdown/HTML report with plots."),
+              "MMLU-de/MedQA-de letter scoring, held-out perplexity, the SLERP merge frontier, pairwise LLM-judge "
+              "win-rate (both orders, LC), failure modes; one Markdown/HTML report with plots."),
     ]
 }
 
