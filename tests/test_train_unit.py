@@ -249,3 +249,24 @@ def test_cluster_pack_configs_name_their_families_separator(config, family):
         assert tok.convert_ids_to_tokens(sep) == "<|endoftext|>" and sep != tok.eos_token_id
     else:
         assert sep == tok.eos_token_id
+
+
+def test_driver_progress_follows_rank0_metrics(tmp_path, capsys):
+    """The cpt bar lives on the driver and reads metrics.jsonl, including a rewrite on resume."""
+    import json
+    import time
+
+    from definemed.train.metrics import MetricsLog, follow_progress
+
+    path = tmp_path / "metrics.jsonl"
+    with follow_progress(path, total=4, poll_s=0.05):
+        log = MetricsLog(path, resume_step=0)
+        for step in (1, 2, 3):
+            log.write({"step": step, "loss": 5.0 - step, "tokens_per_s": 100.0})
+            time.sleep(0.1)
+        MetricsLog(path, resume_step=2)  # resumed from step 2: step 3 is dropped and redone
+        log.write({"step": 3, "loss": 1.5, "tokens_per_s": 90.0})
+        log.write({"step": 4, "loss": 1.25, "tokens_per_s": 90.0})
+    err = capsys.readouterr().err
+    assert "4/4" in err and "loss=1.250" in err
+    assert [json.loads(x)["step"] for x in path.read_text().splitlines()] == [1, 2, 3, 4]

@@ -245,7 +245,7 @@ def train_step(w: Worker, model, optimizer, scheduler, micro, hsdp: bool) -> dic
             "target_tokens_step": int(n_targets)}
 
 
-def log_step(w: Worker, n: int, metrics: dict[str, Any], seq_ids, resumed_from, extra: dict[str, Any], mlog, bar):
+def log_step(w: Worker, n: int, metrics: dict[str, Any], seq_ids, resumed_from, extra: dict[str, Any], mlog):
     import json
 
     from definemed.train.metrics import BATCHES_FILE
@@ -254,8 +254,6 @@ def log_step(w: Worker, n: int, metrics: dict[str, Any], seq_ids, resumed_from, 
     with (w.out / BATCHES_FILE).open("a", encoding="utf-8") as f:
         f.write(json.dumps({"step": n, "seq_ids": seq_ids, "loss": metrics["loss"], "resumed_from": resumed_from,
                             **extra}) + "\n")
-    bar.set_postfix(loss=f"{metrics['loss']:.3f}", tok_s=f"{metrics['tokens_per_s']:.0f}")
-    bar.update(1)
 
 
 def train_loop_per_worker(loop: dict[str, Any]) -> None:
@@ -263,7 +261,6 @@ def train_loop_per_worker(loop: dict[str, Any]) -> None:
 
     import ray.train
     import torch.distributed as dist
-    from tqdm import tqdm
 
     from definemed.train.checkpoint import report_with_checkpoint
     from definemed.train.dataloader import PackedDataLoader
@@ -280,7 +277,6 @@ def train_loop_per_worker(loop: dict[str, Any]) -> None:
     replica_all_reduces = count_replica_all_reduces(model, mesh)
     mlog = MetricsLog(w.out / METRICS_FILE, start) if w.rank == 0 else None
     tokens_step = w.world * cfg.grad_accum() * cfg.train.seq_len
-    bar = tqdm(total=cfg.train.max_steps, initial=start, desc="cpt", unit="step", disable=w.rank != 0)
     for step in range(start, cfg.train.max_steps):
         n = step + 1  # 1-based optimizer step, as reported
         maybe_inject_fault(w, n)
@@ -294,7 +290,7 @@ def train_loop_per_worker(loop: dict[str, Any]) -> None:
                                world_size=w.world, flops_token=info["flops_per_token"], peak_flops=peak, **res)
         extra = {"replica_all_reduces": replica_all_reduces[0] - before} if replica_all_reduces else {}
         if w.rank == 0:
-            log_step(w, n, metrics, seq_ids, resumed_from, extra, mlog, bar)
+            log_step(w, n, metrics, seq_ids, resumed_from, extra, mlog)
         if n % cfg.checkpoint.every_steps == 0 or n == cfg.train.max_steps:
             train_state = None
             if w.rank == 0:
@@ -305,7 +301,6 @@ def train_loop_per_worker(loop: dict[str, Any]) -> None:
             report_with_checkpoint(metrics, n, model, optimizer, train_state)
         else:
             ray.train.report(metrics)
-    bar.close()
 
 
 def mixed_precision_used(mode: str, device_type: str) -> str:
@@ -387,8 +382,8 @@ def run(cfg: CptConfig) -> dict[str, str]:
     from definemed.models import is_meaningless_model, resolve_model
     from definemed.train.checkpoint import latest_checkpoint_dir, read_train_state
     from definemed.train.export import export_hf
-    from definemed.train.metrics import BATCHES_FILE, LOSS_PNG, METRICS_CSV, METRICS_FILE, plot_loss_curve, \
-        read_jsonl, write_csv
+    from definemed.train.metrics import BATCHES_FILE, LOSS_PNG, METRICS_CSV, METRICS_FILE, follow_progress, \
+        plot_loss_curve, read_jsonl, write_csv
 
     stats = _check_packed(cfg)
     model_path = resolve_model(cfg.model)
@@ -399,7 +394,8 @@ def run(cfg: CptConfig) -> dict[str, str]:
           f"{cfg.parallel.shard_group_size or cfg.parallel.num_workers}, grad_accum {cfg.grad_accum()}, "
           f"{cfg.train.max_steps} steps of {cfg.train.global_batch_tokens} tokens; "
           f"{stats['sequences']} packed sequences available", flush=True)
-    build_trainer(cfg, model_path).fit()
+    with follow_progress(out / METRICS_FILE, cfg.train.max_steps):
+        build_trainer(cfg, model_path).fit()
 
     ckpt_dir = latest_checkpoint_dir(out / "ray" / RUN_NAME)
     if ckpt_dir is None:

@@ -8,12 +8,13 @@ only.
 """
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import json
 import os
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Iterator
 
 # Dense bf16 tensor-core peaks (no sparsity), FLOP/s.
 GPU_PEAK_FLOPS = {
@@ -93,6 +94,55 @@ class MetricsLog:
             f.write(json.dumps(row) + "\n")
             f.flush()
             os.fsync(f.fileno())
+
+
+@contextlib.contextmanager
+def follow_progress(path: str | os.PathLike, total: int, desc: str = "cpt", poll_s: float = 2.0) -> Iterator[None]:
+    """A progress bar on the driver, fed by the last row rank 0 appended to `path` (metrics.jsonl). The workers'
+    own output goes to the stage log, where a bar printed by a Ray worker would arrive only when it closes."""
+    import threading
+
+    from tqdm import tqdm
+
+    p = Path(path)
+    stop = threading.Event()
+    bar = tqdm(total=total, desc=desc, unit="step")
+
+    def last_row() -> dict[str, Any] | None:
+        try:
+            with p.open("rb") as f:
+                f.seek(max(0, f.seek(0, os.SEEK_END) - 8192))
+                lines = f.read().decode("utf-8", errors="ignore").splitlines()
+        except OSError:
+            return None
+        for line in reversed(lines):
+            try:
+                return json.loads(line)
+            except ValueError:
+                continue
+        return None
+
+    def update() -> None:
+        row = last_row()
+        if row and "step" in row:
+            bar.n = min(int(row["step"]), total)
+            bar.set_postfix(loss=f"{row.get('loss', float('nan')):.3f}", tok_s=f"{row.get('tokens_per_s', 0):.0f}",
+                            refresh=False)
+            bar.refresh()
+
+    def follow() -> None:
+        while not stop.wait(poll_s):
+            update()
+
+    t = threading.Thread(target=follow, name="cpt-progress", daemon=True)
+    t.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        t.join()
+        update()
+        bar.close()
 
 
 def read_jsonl(path: str | os.PathLike) -> list[dict[str, Any]]:
