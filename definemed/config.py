@@ -136,6 +136,19 @@ def collect_lineage_inputs(model: BaseModel, prefix: str = "") -> dict[str, str]
     return out
 
 
+def not_below(lower: str, field: str):
+    """A field validator for a (min, max) pair: `field` must be >= the earlier field `lower`; the error names
+    `field`. Use as `_bounds = not_below("min_actors", "max_actors")` in the class body."""
+
+    def check(cls, v, info: ValidationInfo):
+        lo = info.data.get(lower)
+        if lo is not None and v is not None and v < lo:
+            raise ValueError(f"must be >= {lower} ({lo})")
+        return v
+
+    return field_validator(field)(classmethod(check))
+
+
 class StageConfig(StrictModel):
     """Common shape of a stage config: where it writes, and where Ray runs."""
 
@@ -217,6 +230,7 @@ __all__ = [
     "collect_lineage_inputs",
     "existing_path",
     "field_validator",
+    "not_below",
     "load_config",
     "load_yaml",
     "parse_config",

@@ -6,7 +6,7 @@ from typing import Literal
 
 from pydantic import Field, ValidationInfo, field_validator
 
-from definemed.config import InputPath, StageConfig, StrictModel
+from definemed.config import InputPath, StageConfig, StrictModel, not_below
 from definemed.models.registry import ModelRef
 from definemed.data.loaders import MCSourceConfig, WebSourceConfig
 from definemed.engine import EngineConfig
@@ -59,13 +59,7 @@ class AnnotateConfig(_WebStage):
             raise ValueError(f"unknown prompt version '{v}', known: {known}")
         return v
 
-    @field_validator("max_replicas")
-    @classmethod
-    def _replica_bounds(cls, v: int, info: ValidationInfo) -> int:
-        lo = info.data.get("min_replicas")
-        if lo is not None and v < lo:
-            raise ValueError(f"must be >= min_replicas ({lo})")
-        return v
+    _replica_bounds = not_below("min_replicas", "max_replicas")
 
     def replica_bounds(self) -> tuple[int, int]:
         """ray.data.llm `concurrency`: always a (min, max) tuple, because an int n means 1..n there."""
@@ -147,10 +141,4 @@ class FilterConfig(_WebStage):
     decontam: DecontamConfig = DecontamConfig()
     pii: bool = True
 
-    @field_validator("max_actors")
-    @classmethod
-    def _pool(cls, v: int, info: ValidationInfo) -> int:
-        lo = info.data.get("min_actors")
-        if lo is not None and v < lo:
-            raise ValueError(f"must be >= min_actors ({lo})")
-        return v
+    _pool = not_below("min_actors", "max_actors")
