@@ -14,7 +14,7 @@ demo: bootstrap
 	$(PY) -m definemed.cli pipeline --config configs/demo.yaml
 
 test: bootstrap
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q --durations=25 tests
 
 bench: bootstrap
 	@for b in benchmarks/bench_*.py; do echo "== $$b"; $(PY) $$b || exit 1; done

@@ -12,6 +12,7 @@ import json
 import logging
 import re
 import sys
+import traceback
 from pathlib import Path
 from typing import Iterator, TextIO
 
@@ -159,6 +160,7 @@ def stage_log(stage: str, output_dir: str) -> Iterator[Path | None]:
         except BaseException:
             out.close_line()
             err.close_line()
+            log.write(traceback.format_exc())  # the log a failure points to says why
             real_err.write(f"[{stage}] failed; full log: {path}\n")
             raise
         finally:
