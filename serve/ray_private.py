@@ -1,0 +1,30 @@
+"""The Ray internals serving relies on, in one place. Each has no public equivalent in Ray 2.60;
+`tests/test_serve_ray_private.py` fails loudly when a Ray upgrade moves or changes one of them.
+"""
+from __future__ import annotations
+
+from typing import Any, Optional
+
+
+async def native_openai_app(server: Any):
+    """vLLM's own OpenAI FastAPI app, bound to the engine this `LLMServer` started.
+
+    Why private: Ray builds it for its experimental direct-streaming mode (`LLMServer.__serve_build_asgi_app__`
+    -> `VLLMEngine.build_asgi_app`). Serving it ourselves is what removes the second deployment hop and the
+    pydantic round trip (parse, pickle, `model_dump`, JSON) of Ray's `OpenAiIngress` path.
+    """
+    from ray.serve.llm.deployment import LLMServer
+
+    return await LLMServer.__serve_build_asgi_app__(server)
+
+
+def running_http_options() -> Optional[Any]:
+    """HTTP options (host, port, ssl_*) of the Serve instance already running on this cluster, or None.
+
+    Why private: Serve's proxy settings are cluster-wide and fixed once Serve runs; `serve.status()` does not
+    report them, and `launch` must know where (and whether over TLS) the endpoint really listens.
+    """
+    from ray.serve.context import _get_global_client
+
+    client = _get_global_client(raise_if_no_controller_running=False)
+    return None if client is None else client.http_config
