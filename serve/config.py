@@ -17,7 +17,7 @@ from definemed.engine import EngineConfig
 
 
 class AutoscalingConfig(StrictModel):
-    """Ray Serve autoscaling for one deployment (replicas of one model, or of the ingress)."""
+    """Ray Serve autoscaling for one model's deployment (the first model's replicas are also the ingress)."""
 
     min_replicas: int = Field(1, ge=0)
     max_replicas: int = Field(1, ge=1)

@@ -24,7 +24,24 @@ def running_http_options() -> Optional[Any]:
     Why private: Serve's proxy settings are cluster-wide and fixed once Serve runs; `serve.status()` does not
     report them, and `launch` must know where (and whether over TLS) the endpoint really listens.
     """
+    import ray
+
+    if not ray.is_initialized():  # the lookup below would start a local Ray just to find nothing
+        return None
     from ray.serve.context import _get_global_client
 
     client = _get_global_client(raise_if_no_controller_running=False)
     return None if client is None else client.http_config
+
+
+def session_log_dir():
+    """The running Ray session's log directory (Serve's access logs live under `serve/`).
+
+    Why private: Ray has no public API for the session directory; the benchmark's per-hop profile and the
+    no-prompt-in-logs test read the files there.
+    """
+    from pathlib import Path
+
+    import ray
+
+    return Path(ray._private.worker._global_node.get_session_dir_path()) / "logs"
