@@ -154,12 +154,11 @@ def _deploy(cfg: ServeConfig, digests: list[str], previous: Optional[dict]) -> l
                                                cfg.limits.requests_per_minute_per_key))
     ray.get(control.set_deployed.remote({"config": cfg.model_dump(mode="json"), "key_digests": digests}))
     targets = build_targets(cfg, digests, only=changed)
-    if targets:
-        # Peers first: the ingress looks them up by name.
-        serve.run_many(sorted(targets, key=lambda t: t.name == cfg.app_name), wait_for_applications_running=False)
+    if targets:  # one call: the ingress finds its peers by name whenever they come up
+        serve.run_many(targets, wait_for_applications_running=False)
     for m in set(old_specs) - set(cfg.model_ids()):
         if old is not None and m != old.models[0].id:
-            serve.delete(model_app_name(old, m), _blocking=False)
+            serve.delete(model_app_name(old, m))
     return sorted(changed)
 
 
@@ -167,12 +166,15 @@ def _wait_ready(cfg: ServeConfig, url: str, api_key: str, timeout: float) -> Non
     import httpx
     from ray import serve
 
+    from serve.app import model_app_name
+
+    ours = {cfg.app_name, *(model_app_name(cfg, m.id) for m in cfg.models[1:])}
     deadline = time.monotonic() + timeout
     last = "not started"
     while time.monotonic() < deadline:
         apps = serve.status().applications
         failed = [f"{n}: {a.message}" for n, a in apps.items()
-                  if n.startswith(cfg.app_name) and str(a.status).endswith("DEPLOY_FAILED")]
+                  if n in ours and str(a.status).endswith("DEPLOY_FAILED")]
         if failed:
             raise RuntimeError(f"serve app '{cfg.app_name}' failed to deploy: {failed[0]}")
         app = apps.get(cfg.app_name)

@@ -229,3 +229,28 @@ def test_gateway_holds_local_requests_while_the_gate_is_closed():
         assert (await task)[0] == 200
 
     asyncio.run(scenario())
+
+
+# ---------------------------------------------------------------- the one Endpoint
+def test_endpoint_resolves_lazily_serves_per_model_views_and_stops_once():
+    from serve.endpoint import Endpoint
+
+    calls, stops = [], []
+
+    def resolve():
+        calls.append(1)
+        return "http://127.0.0.1:9/v1", "secret-key-" + "x" * 16
+
+    ep = Endpoint(base_url=None, models=["merged", "judge"], resolve=resolve, _stop=lambda: stops.append(1))
+    judge = ep.for_model("judge")
+    assert calls == [] and judge.model == "judge"
+    client = judge.client(timeout=5)
+    assert str(client.base_url).rstrip("/") == "http://127.0.0.1:9/v1" and client.max_retries == 0
+    assert calls == [1] and judge.url == "http://127.0.0.1:9"
+    assert "secret-key" not in repr(ep) and "secret-key" not in str(ep.info())
+    judge.shutdown()  # a per-model view owns nothing
+    assert stops == []
+    with ep:
+        pass
+    ep.shutdown()
+    assert stops == [1]
