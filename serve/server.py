@@ -19,7 +19,7 @@ from ray.serve.llm import LLMConfig
 from ray.serve.llm.deployment import LLMServer
 
 from serve.control import ControlClient, Limits
-from serve.gateway import Gateway, run_asgi
+from serve.gateway import Gateway, Named, run_asgi
 from serve.ray_private import native_openai_app
 from serve.security import SecurityMiddleware, SecuritySettings
 
@@ -80,7 +80,7 @@ class ModelServer(LLMServer):
             app = CORSMiddleware(gateway, allow_origins=list(self._cors_origins), allow_credentials=False,
                                  allow_methods=["GET", "POST"], allow_headers=["Authorization", "Content-Type"])
         self._security.app = app
-        return self._security
+        return Named(self._security)
 
     def _handle(self, model_id: str) -> DeploymentHandle:
         peer = self._peers[model_id]
