@@ -34,8 +34,10 @@ def serve_env(cfg: ServeConfig) -> dict[str, str]:
     # Serve mirrors every replica log line (one access line per request per hop) to stderr, which Ray then
     # streams to the driver; the log files under the Ray session dir keep everything either way.
     env = {"RAY_SERVE_LOG_TO_STDERR": "1" if cfg.log_to_stderr else "0"}
+    if cfg.direct_ingress:
+        env["RAY_SERVE_ENABLE_DIRECT_INGRESS"] = "1"  # read when Serve starts: a cluster sets it in its own env
     if cfg.throughput_optimized:
-        # Ray's throughput-optimized request path minus direct ingress (which opens per-replica HTTP ports):
+        # Ray's throughput-optimized request path minus direct ingress (opt-in above: per-replica HTTP ports):
         # each hop costs a thread switch less, which matters on oversubscribed CPUs.
         env.update(RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD="0", RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP="0",
                    RAY_SERVE_USE_GRPC_BY_DEFAULT="1")

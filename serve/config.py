@@ -96,6 +96,9 @@ class ServeConfig(StrictModel):
     throughput_optimized: bool = Field(True, description="Serve request path without extra threads/loops, "
                                                          "gRPC between deployments (subset of Ray's "
                                                          "RAY_SERVE_THROUGHPUT_OPTIMIZED)")
+    direct_ingress: bool = Field(False, description="ingress replicas also answer on their own port, skipping "
+                                                    "Serve's proxy (faster; the port changes when the replica is "
+                                                    "replaced, e.g. by a swap); `launch` hands that address out")
     tls_certfile: Optional[str] = None
     tls_keyfile: Optional[str] = None
     request_timeout_s: Optional[float] = Field(300, gt=0)

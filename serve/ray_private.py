@@ -45,3 +45,19 @@ def session_log_dir():
     import ray
 
     return Path(ray._private.worker._global_node.get_session_dir_path()) / "logs"
+
+
+def direct_ingress_urls(app_name: str, scheme: str = "http") -> list[str]:
+    """Base URLs (`scheme://ip:port`) at which the app's ingress replicas answer directly (Serve direct ingress).
+
+    Why private: Serve 2.60 publishes the replicas' own ports only to its HAProxy manager (the controller's
+    `get_target_groups`); `launch` needs them to hand out the direct address.
+    """
+    import ray
+    from ray.serve._private.common import RequestProtocol
+    from ray.serve.context import _get_global_client
+
+    client = _get_global_client()
+    groups = ray.get(client._controller.get_target_groups.remote(app_name))
+    return sorted(f"{scheme}://{t.ip}:{t.port}" for g in groups if g.protocol == RequestProtocol.HTTP
+                  for t in g.targets)

@@ -50,6 +50,16 @@ def shutdown_app(cfg: ServeConfig) -> None:
             serve.shutdown()
 
 
+def _stop_ray() -> None:
+    """Stop the Ray this process started, and Serve with it (else Serve keeps a client to the dead cluster)."""
+    import ray
+    from ray import serve
+
+    with contextlib.suppress(Exception):
+        serve.shutdown()
+    ray.shutdown()
+
+
 def free_port(host: str) -> int:
     with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind((host, 0))
@@ -193,6 +203,24 @@ def _wait_ready(cfg: ServeConfig, url: str, api_key: str, timeout: float) -> Non
     raise TimeoutError(f"serve app '{cfg.app_name}' not ready after {timeout:.0f}s ({last})")
 
 
+def _direct_root(cfg: ServeConfig, proxy_root: str) -> str:
+    """With direct ingress and one ingress replica, the replica's own address (else the proxy's)."""
+    from urllib.parse import urlsplit
+
+    from serve.ray_private import direct_ingress_urls
+
+    proxy = urlsplit(proxy_root)
+    urls = direct_ingress_urls(cfg.app_name, proxy.scheme)
+    if len(urls) != 1:
+        log.info("direct ingress: %d ingress replicas answer on their own ports; handing out the proxy's address "
+                 "(put a load balancer such as Serve's HAProxy mode in front of %s)", len(urls), urls)
+        return proxy_root
+    direct = urlsplit(urls[0])
+    host = proxy.hostname if proxy.hostname in ("127.0.0.1", "::1") else direct.hostname  # bound like the proxy
+    log.info("direct ingress at %s:%s (proxy: %s)", host, direct.port, proxy_root)
+    return f"{proxy.scheme}://{host}:{direct.port}{cfg.route_prefix.rstrip('/')}"
+
+
 def _wait_swapped(cfg: ServeConfig, model_ids: list[str], since: int, timeout: float) -> None:
     """Wait until each rolled model answers only from replicas registered after `since` (the old ones have
     drained), and log each swap: old and new weights, where the new ones came from."""
@@ -240,8 +268,6 @@ def launch(cfg: ServeConfig, api_key: Optional[str] = None, *, ephemeral_key: bo
 def _launch(cfg: ServeConfig, api_key: Optional[str], ephemeral_key: bool,
             ray_address: Optional[str]) -> tuple[Endpoint, bool]:
     """launch(); also says whether this call started the app (False: it updated a running one)."""
-    import ray
-
     from serve.security import key_digest
 
     keys = _keys(cfg, api_key, ephemeral_key)
@@ -257,20 +283,21 @@ def _launch(cfg: ServeConfig, api_key: Optional[str], ephemeral_key: bool,
         _wait_ready(cfg, root, keys[0], cfg.ready_timeout_s)
         if not fresh:
             _wait_swapped(cfg, rolled, since, cfg.ready_timeout_s)
+        root = _direct_root(cfg, root) if cfg.direct_ingress else root
     except BaseException:
         if fresh:
             shutdown_app(cfg)
         if owns_ray:
-            ray.shutdown()
+            _stop_ray()
         raise
 
     def stop() -> None:
         shutdown_app(cfg)
         if owns_ray:
-            ray.shutdown()
+            _stop_ray()
 
     return Endpoint(base_url=root + "/v1", api_key=keys[0], models=cfg.model_ids(), app_name=cfg.app_name,
-                    _stop=stop if fresh else (ray.shutdown if owns_ray else None)), fresh
+                    _stop=stop if fresh else (_stop_ray if owns_ray else None)), fresh
 
 
 def _last_seq(cfg: ServeConfig) -> int:
