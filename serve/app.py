@@ -1,99 +1,32 @@
-"""The Ray Serve LLM application: one OpenAI-compatible ingress in front of one vLLM deployment per model.
+"""The Ray Serve LLM application: one deployment per model (`serve.server.ModelServer`: Ray's `LLMServer` on the
+vLLM engine), the first of which is also the secured OpenAI-compatible ingress.
 
-Built from `ray.serve.llm` (LLMConfig, build_llm_deployment, OpenAiIngress, make_fastapi_ingress) rather than
-`build_openai_app`, because that builder hard-wires its FastAPI app with wildcard CORS and credentials. Here the
-FastAPI app is ours: Ray's exception handling, metrics and request-id middleware, explicit CORS origins only,
-no OpenAPI/docs routes, and `serve.security.SecurityMiddleware` outermost so nothing runs before the key check.
+Built from `ray.serve.llm` (`LLMConfig`, `build_llm_deployment`, `LLMServer`) rather than `build_openai_app`:
+that builder puts a separate router deployment (`OpenAiIngress`) in front of the models, which costs a
+deployment hop and a pydantic round trip per request, and hard-wires wildcard CORS with credentials.
 
-`app_builder` is the import path for Serve config files (`serve run serve/config.yaml`, `serve deploy`).
+Two layouts, same deployments:
+
+- `build_targets` (`definemed serve`, `serve.launch`): one Serve application per model, so swapping one model's
+  weights rolls only that model. The first model's application owns the route prefix.
+- `build_app` / `app_builder` (`serve run serve/config.yaml`, RayService): the same deployments in one
+  application, as Serve config files expect.
 """
 from __future__ import annotations
 
-import asyncio
-import logging
 import os
-from typing import Any, Optional
-
-from fastapi import FastAPI
-from fastapi.middleware.cors import CORSMiddleware
-from ray import serve
-from ray.llm._internal.serve.core.configs.openai_api_models import to_model_metadata
-from ray.llm._internal.serve.core.ingress.middleware import SetRequestIdMiddleware, add_exception_handling_middleware
-from ray.llm._internal.serve.observability.metrics.fast_api_metrics import (
-    add_http_metrics_middleware,
-    metrics_lifespan,
-)
-from ray.serve.llm import LLMConfig, build_llm_deployment
-from ray.serve.llm.ingress import OpenAiIngress, make_fastapi_ingress
-from starlette.exceptions import HTTPException as StarletteHTTPException
-from starlette.responses import JSONResponse
+from typing import TYPE_CHECKING, Any, Optional
 
 from definemed.config import ConfigError, load_config, parse_config
 from definemed.engine import engine_device, engine_kwargs, placement_group_config
 from serve.config import ModelSpec, ServeConfig
-from serve.security import SecurityMiddleware, SecuritySettings, error_body, key_digest, resolve_key_digests
+from serve.security import SecuritySettings, resolve_key_digests
 
-log = logging.getLogger("definemed.serve")
+if TYPE_CHECKING:
+    from ray.serve.llm import LLMConfig
 
-# The OpenAI surface we expose. Embeddings, audio, score and tokenize stay off: smaller attack surface.
-ENDPOINTS = {
-    "models": lambda app: app.get("/v1/models"),
-    "model_data": lambda app: app.get("/v1/models/{model:path}"),
-    "completions": lambda app: app.post("/v1/completions"),
-    "chat": lambda app: app.post("/v1/chat/completions"),
-    "health": lambda app: app.get("/health"),
-    "ready": lambda app: app.get("/ready"),
-}
-
-
-class DefinemedIngress(OpenAiIngress):
-    """Ray's OpenAI router plus liveness (`/health`) and readiness (`/ready`: every model answers its health
-    check) endpoints. Both sit behind the API key like every other route."""
-
-    async def health(self) -> JSONResponse:
-        return JSONResponse({"status": "ok"})
-
-    async def ready(self) -> JSONResponse:
-        async def probe(model_id: str, handle) -> tuple[str, Optional[str]]:
-            try:
-                await asyncio.wait_for(handle.check_health.remote(), timeout=10)
-                return model_id, None
-            except Exception as e:  # noqa: BLE001 - any failure means "not ready"
-                return model_id, type(e).__name__
-
-        results = await asyncio.gather(*(probe(m, h) for m, h in self._default_serve_handles.items()))
-        failed = {m: err for m, err in results if err}
-        body = {"status": "ready" if not failed else "not_ready", "models": sorted(self._default_serve_handles)}
-        if failed:
-            body["failed"] = failed
-            return JSONResponse(body, status_code=503)
-        return JSONResponse(body)
-
-
-_ERROR_TYPES = {400: "invalid_request_error", 401: "invalid_request_error", 403: "permission_error",
-                404: "not_found_error", 405: "invalid_request_error", 408: "timeout_error", 429: "rate_limit_error"}
-
-
-async def _http_exception(request, exc: StarletteHTTPException) -> JSONResponse:
-    # FastAPI answers {"detail": ...}; OpenAI clients expect {"error": {...}} (e.g. unknown model, unknown route).
-    status = exc.status_code
-    code = "model_not_found" if status == 404 and "model" in str(exc.detail) else f"http_{status}"
-    return JSONResponse(error_body(str(exc.detail), _ERROR_TYPES.get(status, "api_error"), code),
-                        status_code=status, headers=getattr(exc, "headers", None))
-
-
-def make_fastapi_app(cfg: ServeConfig, settings: SecuritySettings) -> FastAPI:
-    # Middleware runs last-added-first: security, request id, metrics, CORS, exception handling, route.
-    app = FastAPI(lifespan=metrics_lifespan, docs_url=None, redoc_url=None, openapi_url=None)
-    add_exception_handling_middleware(app)
-    app.add_exception_handler(StarletteHTTPException, _http_exception)
-    if cfg.cors_origins:
-        app.add_middleware(CORSMiddleware, allow_origins=list(cfg.cors_origins), allow_credentials=False,
-                           allow_methods=["GET", "POST"], allow_headers=["Authorization", "Content-Type"])
-    add_http_metrics_middleware(app)
-    app.add_middleware(SetRequestIdMiddleware)
-    app.add_middleware(SecurityMiddleware, settings=settings)
-    return app
+# vLLM's own app would add CORS from these (default: any origin); ours runs in the gateway, from cors_origins.
+_VLLM_FRONTEND = {"allowed_origins": [], "allow_credentials": False, "disable_fastapi_docs": True}
 
 
 def serve_env(cfg: ServeConfig) -> dict[str, str]:
@@ -101,8 +34,10 @@ def serve_env(cfg: ServeConfig) -> dict[str, str]:
     # Serve mirrors every replica log line (one access line per request per hop) to stderr, which Ray then
     # streams to the driver; the log files under the Ray session dir keep everything either way.
     env = {"RAY_SERVE_LOG_TO_STDERR": "1" if cfg.log_to_stderr else "0"}
+    if cfg.direct_ingress:
+        env["RAY_SERVE_ENABLE_DIRECT_INGRESS"] = "1"  # read when Serve starts: a cluster sets it in its own env
     if cfg.throughput_optimized:
-        # Ray's throughput-optimized request path minus direct ingress (which opens per-replica HTTP ports):
+        # Ray's throughput-optimized request path minus direct ingress (opt-in above: per-replica HTTP ports):
         # each hop costs a thread switch less, which matters on oversubscribed CPUs.
         env.update(RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD="0", RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP="0",
                    RAY_SERVE_USE_GRPC_BY_DEFAULT="1")
@@ -117,42 +52,103 @@ def model_env(spec: ModelSpec, cfg: ServeConfig) -> dict[str, str]:
     return env
 
 
-def llm_config(spec: ModelSpec, cfg: ServeConfig) -> LLMConfig:
+def llm_config(spec: ModelSpec, cfg: ServeConfig) -> "LLMConfig":
     """LLMConfig for one model: our engine kwargs and placement (one GPU per TP rank, or a CPU bundle, as config
-    and the cluster decide), autoscaling from config, and vLLM request logging (which prints prompts) off unless asked."""
+    and the cluster decide), autoscaling from config, vLLM request logging (which prints prompts) off unless
+    asked, and a rollout that starts a replacement before it stops the replica it replaces."""
+    from ray.serve.llm import LLMConfig
+
     from definemed.models import resolve_model
 
-    kwargs = engine_kwargs(spec.engine)
-    kwargs["enable_log_requests"] = cfg.log_requests
+    kwargs = {**engine_kwargs(spec.engine), **_VLLM_FRONTEND, "enable_log_requests": cfg.log_requests}
     return LLMConfig(
         model_loading_config={"model_id": spec.id, "model_source": resolve_model(spec.model)},
         engine_kwargs=kwargs,
         placement_group_config=placement_group_config(spec.engine),
         deployment_config={"autoscaling_config": spec.autoscaling.to_serve(),
-                           "max_ongoing_requests": spec.max_ongoing_requests},
+                           "max_ongoing_requests": spec.max_ongoing_requests,
+                           "max_surge_percent": 100,  # new weights come up before the old replica drains
+                           "graceful_shutdown_timeout_s": cfg.request_timeout_s or 300,
+                           "graceful_shutdown_wait_loop_s": 0.5},
         runtime_env={"env_vars": model_env(spec, cfg)},
         log_engine_metrics=False,
     )
 
 
-def build_app(cfg: ServeConfig, key_digests: Optional[list[str]] = None):
-    """The Serve Application (not yet running). Keys are resolved here, where the app is built, and only their
-    digests travel to the replicas."""
+def deployment_name(model_id: str) -> str:
+    return "model:" + model_id.replace("/", "--")
+
+
+def model_app_name(cfg: ServeConfig, model_id: str) -> str:
+    """Serve application of a model that is not the ingress (`build_targets` layout)."""
+    return f"{cfg.app_name}--{model_id.replace('/', '--')}"
+
+
+def security_settings(cfg: ServeConfig, key_digests: Optional[list[str]] = None) -> SecuritySettings:
+    """Keys are resolved where the app is built; only their digests travel to the replicas."""
     digests = key_digests if key_digests is not None else resolve_key_digests(cfg.api_key_env, cfg.api_key_file)
-    settings = SecuritySettings(key_digests=list(digests), max_body_bytes=cfg.limits.max_body_bytes,
-                                max_concurrent_per_key=cfg.limits.max_concurrent_per_key,
-                                requests_per_minute_per_key=cfg.limits.requests_per_minute_per_key)
-    configs = [llm_config(m, cfg) for m in cfg.models]
-    deployments = {c.model_id: build_llm_deployment(c) for c in configs}
-    cards = {c.model_id: to_model_metadata(c.model_id, c) for c in configs}
-    ingress_cls = make_fastapi_ingress(DefinemedIngress, endpoint_map=ENDPOINTS,
-                                       app=make_fastapi_app(cfg, settings))
-    ing = cfg.ingress
-    return serve.deployment(
-        ingress_cls, name="OpenAiIngress", max_ongoing_requests=ing.max_ongoing_requests,
-        autoscaling_config=ing.autoscaling.to_serve(),
-        ray_actor_options={"num_cpus": ing.num_cpus, "runtime_env": {"env_vars": serve_env(cfg)}},
-    ).bind(llm_deployments=deployments, model_cards=cards)
+    lim = cfg.limits
+    return SecuritySettings(key_digests=list(digests), max_body_bytes=lim.max_body_bytes,
+                            max_concurrent_per_key=lim.max_concurrent_per_key,
+                            requests_per_minute_per_key=lim.requests_per_minute_per_key)
+
+
+def model_deployment(cfg: ServeConfig, spec: ModelSpec, *, security: Optional[SecuritySettings] = None,
+                     peers: Optional[dict[str, Any]] = None):
+    """One model's deployment, bound. With `security` it is the ingress: it serves HTTP for the endpoint and
+    forwards other models' requests to `peers` (handles, or (deployment, app) names)."""
+    from ray import serve
+    from ray.serve.llm import build_llm_deployment
+
+    from serve.server import ModelServer
+
+    cls = serve.ingress()(ModelServer) if security is not None else ModelServer
+    bind: dict[str, Any] = {"app_name": cfg.app_name}
+    if security is not None:
+        bind.update(security=security, cors_origins=tuple(cfg.cors_origins), peers=peers or {})
+    return build_llm_deployment(llm_config(spec, cfg), deployment_cls=cls, bind_kwargs=bind,
+                                override_serve_options={"name": deployment_name(spec.id)})
+
+
+def build_targets(cfg: ServeConfig, key_digests: Optional[list[str]] = None,
+                  only: Optional[set[str]] = None) -> list:
+    """`serve.RunTarget`s: the ingress model's application at the route prefix, one application per other
+    model without a route. `only` restricts to those model ids (a swap redeploys just them)."""
+    from ray import serve
+
+    ingress, *others = cfg.models
+    logging_config = {"enable_access_log": cfg.access_log}
+    targets = []
+    if only is None or ingress.id in only:
+        peers = {m.id: (deployment_name(m.id), model_app_name(cfg, m.id)) for m in others}
+        app = model_deployment(cfg, ingress, security=security_settings(cfg, key_digests), peers=peers)
+        targets.append(serve.RunTarget(app, name=cfg.app_name, route_prefix=cfg.route_prefix,
+                                       logging_config=logging_config))
+    for m in others:
+        if only is None or m.id in only:
+            targets.append(serve.RunTarget(model_deployment(cfg, m), name=model_app_name(cfg, m.id),
+                                           route_prefix=None, logging_config=logging_config))
+    return targets
+
+
+def build_app(cfg: ServeConfig, key_digests: Optional[list[str]] = None):
+    """The whole endpoint as one Serve Application (not yet running): what Serve config files deploy."""
+    ingress, *others = cfg.models
+    peers = {m.id: model_deployment(cfg, m) for m in others}
+    return model_deployment(cfg, ingress, security=security_settings(cfg, key_digests), peers=peers)
+
+
+def check_tls(cfg: ServeConfig) -> None:
+    """Under `serve run` / RayService, Serve's proxy (its `http_options`) terminates TLS, not this config."""
+    if not cfg.tls_certfile:
+        return
+    from serve.ray_private import running_http_options
+
+    http = running_http_options()
+    if http is None or not getattr(http, "ssl_certfile", None):
+        raise ConfigError("invalid config field 'tls_certfile': under `serve run`/RayService Serve's proxy "
+                          "terminates TLS; set http_options.ssl_certfile/ssl_keyfile in the Serve config "
+                          "(infra/k8s/rayservice.yaml does) or terminate TLS at the load balancer and drop tls_*")
 
 
 def app_builder(args: dict[str, Any]):
@@ -166,6 +162,7 @@ def app_builder(args: dict[str, Any]):
                 raise ConfigError(f"invalid config field 'args.{sorted(args)[0]}': unknown key")
         else:
             cfg = parse_config(ServeConfig, args, source="serve app args")
+        check_tls(cfg)
     except ConfigError as e:
         raise ValueError(str(e)) from None
     return build_app(cfg)

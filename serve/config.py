@@ -17,7 +17,7 @@ from definemed.engine import EngineConfig
 
 
 class AutoscalingConfig(StrictModel):
-    """Ray Serve autoscaling for one deployment (replicas of one model, or of the ingress)."""
+    """Ray Serve autoscaling for one model's deployment (the first model's replicas are also the ingress)."""
 
     min_replicas: int = Field(1, ge=0)
     max_replicas: int = Field(1, ge=1)
@@ -63,21 +63,15 @@ class ModelSpec(StrictModel):
         raise ValueError(f"path does not exist: {v}")
 
 
-class IngressConfig(StrictModel):
-    """The OpenAI router deployment in front of the model deployments (cheap: no model inside)."""
-
-    num_cpus: float = Field(0.5, ge=0)
-    autoscaling: AutoscalingConfig = AutoscalingConfig(min_replicas=1, max_replicas=2, target_ongoing_requests=64)
-    max_ongoing_requests: int = Field(512, ge=1)
-
-
 class LimitsConfig(StrictModel):
-    """Per-request and per-key limits enforced before a request reaches a model."""
+    """Per-request and per-key limits enforced before a request reaches a model. The per-key numbers hold for the
+    whole endpoint, however many ingress replicas run: each replica enforces its share (`serve.control`)."""
 
     max_body_bytes: int = Field(1 << 20, ge=1024, description="413 above this")
     max_concurrent_per_key: int = Field(32, ge=1, description="429 above this many in-flight requests per key "
-                                                               "(per ingress replica)")
-    requests_per_minute_per_key: Optional[int] = Field(None, ge=1, description="429 above this rate; None = off")
+                                                               "(whole endpoint)")
+    requests_per_minute_per_key: Optional[int] = Field(None, ge=1, description="429 above this rate (whole "
+                                                                                "endpoint); None = off")
 
 
 class ServeConfig(StrictModel):
@@ -92,11 +86,11 @@ class ServeConfig(StrictModel):
     route_prefix: str = "/"
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=0, le=65535, description="0 = pick a free port at launch (tests, evaluation)")
-    models: list[ModelSpec] = Field(min_length=1)
+    models: list[ModelSpec] = Field(min_length=1, description="the first one also hosts the endpoint (its "
+                                                              "replicas are the ingress replicas)")
     api_key_env: Optional[str] = "DEFINEMED_API_KEY"
     api_key_file: Optional[str] = None
     limits: LimitsConfig = LimitsConfig()
-    ingress: IngressConfig = IngressConfig()
     cors_origins: list[str] = Field(default_factory=list, description="explicit origins only; empty = no CORS")
     access_log: bool = Field(True, description="Serve access log lines: method, route, status, latency; no bodies")
     log_requests: bool = Field(False, description="vLLM request logging; it includes prompt text, so off")
@@ -104,6 +98,9 @@ class ServeConfig(StrictModel):
     throughput_optimized: bool = Field(True, description="Serve request path without extra threads/loops, "
                                                          "gRPC between deployments (subset of Ray's "
                                                          "RAY_SERVE_THROUGHPUT_OPTIMIZED)")
+    direct_ingress: bool = Field(False, description="ingress replicas also answer on their own port, skipping "
+                                                    "Serve's proxy (faster; the port changes when the replica is "
+                                                    "replaced, e.g. by a swap); `launch` hands that address out")
     tls_certfile: Optional[str] = None
     tls_keyfile: Optional[str] = None
     request_timeout_s: Optional[float] = Field(300, gt=0)
@@ -147,6 +144,15 @@ class ServeConfig(StrictModel):
             raise ValueError("tls_certfile and tls_keyfile must be given together")
         if not self.api_key_env and not self.api_key_file:
             raise ValueError("api_key_env or api_key_file is required: every route needs an API key")
+        ingress = self.models[0].autoscaling
+        if ingress.min_replicas < 1:
+            raise ValueError(f"models.0 ('{self.models[0].id}') hosts the endpoint and cannot scale to zero: "
+                             "set min_replicas >= 1 or list another model first")
+        # Each ingress replica holds an integer share of the per-key budget; a swap doubles them for a while.
+        if self.limits.max_concurrent_per_key < 2 * ingress.max_replicas:
+            raise ValueError(f"limits.max_concurrent_per_key ({self.limits.max_concurrent_per_key}) must be at least "
+                             f"2 x models.0.autoscaling.max_replicas ({ingress.max_replicas}): each ingress "
+                             "replica, and each replacement during a swap, needs a share")
         return self
 
     def model_ids(self) -> list[str]:

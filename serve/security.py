@@ -1,6 +1,7 @@
 """Hospital guard rails for the OpenAI endpoint, as one pure ASGI middleware (streaming-safe).
 
 Order per request: API key (401) -> per-key rate / concurrency limit (429) -> body size (413) -> the app.
+The limits are per key for the whole app: each ingress replica enforces its share (`serve.control`).
 Keys are held as SHA-256 digests only and compared with hmac.compare_digest against every stored digest, so
 neither the key nor its position in the list leaks through timing. Log lines name a key by a short digest
 prefix, never by the key, and never contain request or response bodies.
@@ -128,22 +129,30 @@ def content_length(scope: Scope) -> Optional[int]:
 
 
 class _TokenBucket:
-    def __init__(self, per_minute: int, clock: Callable[[], float]):
+    def __init__(self, per_minute: float, clock: Callable[[], float]):
         self.capacity = float(per_minute)
         self.rate = per_minute / 60.0
         self.tokens = self.capacity
         self.clock = clock
         self.stamp = clock()
 
-    def take(self) -> float:
+    def resize(self, per_minute: float) -> None:
+        """A new share of the app's rate limit: refill at the new rate, never hold more than the new capacity."""
+        self.take(dry=True)
+        self.capacity, self.rate = float(per_minute), per_minute / 60.0
+        self.tokens = min(self.tokens, self.capacity)
+
+    def take(self, dry: bool = False) -> float:
         """0.0 if a token was taken, else seconds until one is available."""
         now = self.clock()
         self.tokens = min(self.capacity, self.tokens + (now - self.stamp) * self.rate)
         self.stamp = now
+        if dry:
+            return 0.0
         if self.tokens >= 1.0:
             self.tokens -= 1.0
             return 0.0
-        return (1.0 - self.tokens) / self.rate
+        return (1.0 - self.tokens) / self.rate if self.rate > 0 else 60.0
 
 
 class _BodyTooLarge(Exception):
@@ -151,7 +160,12 @@ class _BodyTooLarge(Exception):
 
 
 class SecurityMiddleware:
-    """ASGI middleware: auth, per-key limits, body size limit. Non-HTTP scopes (lifespan) pass through."""
+    """ASGI middleware: auth, per-key limits, body size limit. Non-HTTP scopes (lifespan) pass through.
+
+    The limits it enforces are this replica's share of the app's budget (`set_shares`, from the control plane);
+    alone (one replica, unit tests) the share is the whole budget. The key is checked once, here: what runs
+    behind sees the request without its `Authorization` header.
+    """
 
     def __init__(self, app: ASGIApp, settings: SecuritySettings, clock: Callable[[], float] = time.monotonic):
         self.app = app
@@ -160,6 +174,18 @@ class SecurityMiddleware:
         self.clock = clock
         self.in_flight: dict[str, int] = {}
         self.buckets: dict[str, _TokenBucket] = {}
+        self.max_concurrent = settings.max_concurrent_per_key
+        self.rate_per_minute: Optional[float] = settings.requests_per_minute_per_key
+
+    def set_shares(self, shares: dict) -> None:
+        """Apply this replica's share of the per-key budgets (keys as in SecuritySettings)."""
+        if "max_concurrent_per_key" in shares:
+            self.max_concurrent = int(shares["max_concurrent_per_key"])
+        rate = shares.get("requests_per_minute_per_key")
+        if rate is not None and rate != self.rate_per_minute:
+            self.rate_per_minute = float(rate)
+            for bucket in self.buckets.values():
+                bucket.resize(self.rate_per_minute)
 
     async def _reject(self, send: Send, status: int, body: dict, headers: Optional[list] = None) -> None:
         payload = json.dumps(body).encode("utf-8")
@@ -181,19 +207,19 @@ class SecurityMiddleware:
             return
         kid = digest[:8]
 
-        if s.requests_per_minute_per_key:
+        if self.rate_per_minute is not None:
             bucket = self.buckets.get(digest)
             if bucket is None:
-                bucket = self.buckets[digest] = _TokenBucket(s.requests_per_minute_per_key, self.clock)
+                bucket = self.buckets[digest] = _TokenBucket(self.rate_per_minute, self.clock)
             wait = bucket.take()
             if wait > 0:
-                log.warning("429 key %s: rate limit %d/min", kid, s.requests_per_minute_per_key)
+                log.warning("429 key %s: rate limit %s/min", kid, s.requests_per_minute_per_key)
                 await self._reject(send, 429, error_body(
                     f"Rate limit of {s.requests_per_minute_per_key} requests per minute reached for this key.",
                     "rate_limit_error", "rate_limit_exceeded"), [(b"retry-after", str(max(1, round(wait))).encode())])
                 return
 
-        if self.in_flight.get(digest, 0) >= s.max_concurrent_per_key:
+        if self.in_flight.get(digest, 0) >= self.max_concurrent:
             log.warning("429 key %s: %d requests in flight", kid, s.max_concurrent_per_key)
             await self._reject(send, 429, error_body(
                 f"Too many concurrent requests for this key (limit {s.max_concurrent_per_key}).",
@@ -212,7 +238,8 @@ class SecurityMiddleware:
             except _BodyTooLarge:
                 await self._too_large(send, None)
                 return
-            await self.app(scope, _replay(body, receive), send)
+            scope = {**scope, "headers": [(k, v) for k, v in scope.get("headers", []) if k.lower() != b"authorization"]}
+            await self.app(scope, replay(body, receive), send)
         finally:
             n = self.in_flight.get(digest, 1) - 1
             if n <= 0:
@@ -244,14 +271,18 @@ class SecurityMiddleware:
                 return b"".join(chunks)
 
 
-def _replay(body: bytes, receive: Receive) -> Receive:
+def replay(body: bytes, then: Optional[Receive] = None) -> Receive:
+    """A `receive` that hands over the buffered body, then the client's later messages (its disconnect), if any."""
     sent = False
 
-    async def replay() -> Message:
+    async def receive() -> Message:
         nonlocal sent
         if not sent:
             sent = True
             return {"type": "http.request", "body": body, "more_body": False}
-        return await receive()  # later calls wait for http.disconnect, as Starlette expects
+        if then is not None:
+            return await then()  # later calls wait for http.disconnect, as Starlette expects
+        await asyncio.Event().wait()  # across a handle hop the caller cancels us when the client leaves
+        return {"type": "http.disconnect"}
 
-    return replay
+    return receive

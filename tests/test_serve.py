@@ -1,11 +1,13 @@
 """Acceptance tests against the live endpoint: Ray Serve LLM + vLLM CPU serving two tiny models by id, spoken to
-with the official `openai` client. ONE deployment is shared by the whole module (deploying takes minutes)."""
+with the official `openai` client. ONE deployment is shared by the whole module (deploying takes minutes):
+`merged` on two replicas (the endpoint's two ingress replicas), `judge` on one; a swap test rolls `judge`."""
 from __future__ import annotations
 
 import asyncio
-import json
+import logging
+import threading
 import time
-from pathlib import Path
+from urllib.parse import urlsplit
 
 import httpx
 import openai
@@ -16,8 +18,11 @@ pytestmark = pytest.mark.integration
 MARKER = "Zebrafinkenquarantäne-7Q3X"  # distinctive: must never reach a log file
 KEY = "test-key-" + "k" * 32
 OTHER_KEY = "other-key-" + "o" * 32
+LIMIT_KEY = "limit-key-" + "l" * 32  # only the limit test uses it
 MAX_BODY = 64 * 1024
 MAX_MODEL_LEN = 256
+MAX_CONCURRENT = 32  # per key, whole endpoint: 16 per ingress replica
+APP = "definemed-test"
 
 
 @pytest.fixture(scope="module")
@@ -26,14 +31,15 @@ def endpoint(ray_local, tiny_qwen2, tiny_mistral, monkeypatch_module):
 
     from serve import ServeConfig, launch
 
-    monkeypatch_module.setenv("DEFINEMED_TEST_SERVE_KEYS", f"{KEY},{OTHER_KEY}")
+    monkeypatch_module.setenv("DEFINEMED_TEST_SERVE_KEYS", f"{KEY},{OTHER_KEY},{LIMIT_KEY}")
     engine = {"max_model_len": MAX_MODEL_LEN}
     cfg = ServeConfig(
-        app_name="definemed-test", port=0, api_key_env="DEFINEMED_TEST_SERVE_KEYS",
-        models=[{"id": "merged", "model": tiny_qwen2, "engine": engine},
-                {"id": "judge", "model": tiny_mistral, "engine": engine}],
-        limits={"max_body_bytes": MAX_BODY, "max_concurrent_per_key": 64},
-        ready_timeout_s=600)
+        app_name=APP, port=0, api_key_env="DEFINEMED_TEST_SERVE_KEYS",
+        models=[{"id": "merged", "model": tiny_qwen2, "engine": engine,
+                 "autoscaling": {"min_replicas": 2, "max_replicas": 2}},
+                {"id": "judge", "model": "tiny://mistral", "engine": engine}],
+        limits={"max_body_bytes": MAX_BODY, "max_concurrent_per_key": MAX_CONCURRENT},
+        ready_timeout_s=900)
     ep = launch(cfg)
     try:
         yield ep
@@ -59,10 +65,14 @@ def chat(model: str, text: str, **kw) -> dict:
     return {"model": model, "messages": [{"role": "user", "content": text}], "max_tokens": 8, **kw}
 
 
-def test_model_list_serves_every_configured_id(client, endpoint):
-    ids = sorted(m.id for m in client.models.list().data)
-    assert ids == ["judge", "merged"] == sorted(endpoint.models)
+def test_model_list_serves_every_configured_id_with_its_weights_hash(client, endpoint, tiny_qwen2):
+    from definemed.lineage import hash_path
+
+    models = {m.id: m for m in client.models.list().data}
+    assert sorted(models) == ["judge", "merged"] == sorted(endpoint.models)
     assert client.models.retrieve("judge").id == "judge"
+    assert models["merged"].weights_sha256 == hash_path(tiny_qwen2)
+    assert models["judge"].weights_sha256.startswith("sha256-tree:")
 
 
 @pytest.mark.parametrize("model_id, tokenizer_fixture", [("merged", "tiny_qwen2"), ("judge", "tiny_mistral")])
@@ -96,6 +106,23 @@ def test_completions(client):
     resp = client.completions.create(model="judge", prompt=f"{MARKER} Die Diagnose lautet", max_tokens=6,
                                      temperature=0)
     assert isinstance(resp.choices[0].text, str) and 1 <= resp.usage.completion_tokens <= 6
+
+
+def test_completions_with_echo_and_logprobs_on_token_ids_as_lm_eval_sends_them(endpoint, tiny_qwen2):
+    """lm-evaluation-harness `local-completions` (tokenized_requests=True) scores log-likelihoods this way."""
+    from transformers import AutoTokenizer
+
+    ids = AutoTokenizer.from_pretrained(tiny_qwen2)("Die Diagnose lautet Pneumonie")["input_ids"]
+    r = httpx.post(f"{endpoint.base_url}/completions", headers={"Authorization": f"Bearer {KEY}"}, timeout=120,
+                   json={"model": "merged", "prompt": [ids, ids[:3]], "max_tokens": 1, "temperature": 0,
+                         "logprobs": 1, "echo": True, "seed": 1234})
+    assert r.status_code == 200, r.text[:300]
+    choices = sorted(r.json()["choices"], key=lambda c: c["index"])
+    assert len(choices) == 2
+    for choice, prompt in zip(choices, (ids, ids[:3])):
+        lp = choice["logprobs"]["token_logprobs"]
+        assert len(lp) == len(prompt) + 1 and lp[0] is None  # every prompt token scored, plus the new one
+        assert all(isinstance(x, float) and x <= 0 for x in lp[1:])
 
 
 BAD = {
@@ -176,6 +203,112 @@ def test_bounded_load_has_no_5xx(endpoint):
     assert codes.count(200) == n
 
 
+async def _held_requests(url: str, key: str, n: int) -> list:
+    """Open n chat requests whose bodies are held back after the first byte: the key check and the limits run
+    on the headers, so a request is either refused at once (429) or admitted and waiting for its body."""
+    u = urlsplit(url)
+    body = b'{"model": "merged", "messages": [{"role": "user", "content": "x"}], "max_tokens": 1}'
+    head = (f"POST {u.path}/chat/completions HTTP/1.1\r\nHost: {u.hostname}\r\nAuthorization: Bearer {key}\r\n"
+            f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n").encode()
+    conns = []
+    for _ in range(n):
+        reader, writer = await asyncio.open_connection(u.hostname, u.port)
+        writer.write(head + body[:1])
+        await writer.drain()
+        conns.append((reader, writer, body[1:]))
+    return conns
+
+
+async def _status(reader) -> int:
+    return int((await reader.readline()).split()[1])
+
+
+def test_per_key_concurrency_limit_holds_across_two_ingress_replicas(endpoint):
+    """max_concurrent_per_key is for the whole endpoint: 2 ingress replicas admit 32 together, not 32 each."""
+    from ray import serve as ray_serve
+
+    merged = ray_serve.status().applications[APP].deployments["model:merged"]
+    assert merged.replica_states.get("RUNNING") == 2
+
+    async def scenario() -> tuple[int, list[int]]:
+        n = MAX_CONCURRENT + MAX_CONCURRENT // 2
+        conns = await _held_requests(endpoint.base_url, LIMIT_KEY, n)
+        pending = {asyncio.ensure_future(_status(r)): i for i, (r, _, _) in enumerate(conns)}
+        refused: set[int] = set()
+        deadline = last_refusal = time.monotonic() + 120
+        while time.monotonic() < deadline:  # wait for the refusals, then 3 s without a new one
+            done, _ = await asyncio.wait(list(pending), timeout=1.0)
+            for fut in done:
+                assert fut.result() == 429
+                refused.add(pending.pop(fut))
+                last_refusal = time.monotonic()
+            if n - len(refused) <= MAX_CONCURRENT and time.monotonic() - last_refusal > 3:
+                break
+        admitted = [i for i in range(n) if i not in refused]
+        for i in admitted:  # release the held bodies: every admitted request completes
+            conns[i][1].write(conns[i][2])
+        codes = [await asyncio.wait_for(fut, 120) for fut in pending]
+        for _, w, _ in conns:
+            w.close()
+        return len(admitted), codes
+
+    admitted, codes = asyncio.run(scenario())
+    print(f"limit: {admitted} of {MAX_CONCURRENT + MAX_CONCURRENT // 2} held requests admitted "
+          f"(limit {MAX_CONCURRENT} per key over 2 ingress replicas)")
+    assert MAX_CONCURRENT // 2 < admitted <= MAX_CONCURRENT  # both replicas admitted, together within the limit
+    assert codes == [200] * admitted
+    r = httpx.post(f"{endpoint.base_url}/chat/completions", headers={"Authorization": f"Bearer {LIMIT_KEY}"},
+                   json=chat("merged", "x", max_tokens=1), timeout=60)
+    assert r.status_code == 200  # slots came back
+
+
+def test_swap_under_continuous_load_switches_answers_once_without_failures(endpoint, client, caplog):
+    """`swap_model` rolls `judge` to other weights while requests stream in: none fails, and sorted by completion
+    time the answers are the old model's up to one moment and the new model's after it."""
+    from serve import swap_model
+
+    question = chat("judge", "Welche Erstdiagnostik bei Thoraxschmerz?", temperature=0, max_tokens=6)
+    old_answer = client.chat.completions.create(**question).choices[0].message.content
+    old_hash = client.models.retrieve("judge").weights_sha256
+    results: list[tuple[float, str]] = []
+    stop = threading.Event()
+
+    def worker() -> None:
+        c = endpoint.client(timeout=300)
+        while not stop.is_set():
+            try:
+                text = c.chat.completions.create(**question).choices[0].message.content
+            except Exception as e:  # noqa: BLE001 - a failed request is what this test looks for
+                text = f"FAILED {type(e).__name__}: {e}"
+            results.append((time.monotonic(), text))
+            time.sleep(0.05)  # steady traffic, but leave the 2 CPUs room to start the new replica
+
+    threads = [threading.Thread(target=worker) for _ in range(3)]
+    for t in threads:
+        t.start()
+    try:
+        time.sleep(2)
+        with caplog.at_level(logging.INFO, logger="definemed.serve"):
+            swap_model("judge", "tiny://mistral@1", app_name=APP)
+        time.sleep(3)
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(timeout=300)
+    new_answer = client.chat.completions.create(**question).choices[0].message.content
+    answers = [text for _, text in sorted(results)]
+    print(f"swap: {len(answers)} requests during the swap; "
+          f"{answers.count(old_answer)} old, {answers.count(new_answer)} new")
+    assert new_answer != old_answer
+    assert [a for a in answers if a not in (old_answer, new_answer)] == []  # no failures, nothing else
+    switch = answers.index(new_answer)
+    assert answers[:switch] == [old_answer] * switch and answers[switch:] == [new_answer] * (len(answers) - switch)
+    assert switch > 0  # the old weights answered during the swap: it did not stall the endpoint
+    assert client.models.retrieve("judge").weights_sha256 not in (None, old_hash)
+    swaps = [r.getMessage() for r in caplog.records if r.getMessage().startswith("swap judge")]
+    assert len(swaps) == 1 and old_hash in swaps[0] and MARKER not in swaps[0]
+
+
 def test_serve_config_file_builder_refuses_without_key_and_builds_the_graph(tmp_path, monkeypatch, tiny_qwen2):
     """`serve run serve/config.yaml` path: app_builder(args) -> Application (built here, not deployed)."""
     from serve.app import app_builder
@@ -192,23 +325,23 @@ def test_serve_config_file_builder_refuses_without_key_and_builds_the_graph(tmp_
     monkeypatch.setenv("DM_TEST_BUILDER_KEY", KEY)
     app = app_builder({"config": str(cfg)})
     kwargs = app._bound_deployment.init_kwargs
-    assert sorted(kwargs["llm_deployments"]) == ["base", "merged"]
+    assert kwargs["llm_config"].model_id == "merged" and sorted(kwargs["peers"]) == ["base"]
     # What Serve stores and ships to replicas holds the key's digest, never the key.
     from ray import cloudpickle
 
     from serve.security import key_digest
 
-    shipped = cloudpickle.dumps(app._bound_deployment.func_or_class)
+    shipped = cloudpickle.dumps((app._bound_deployment.func_or_class, kwargs["security"]))
     assert KEY.encode() not in shipped and key_digest(KEY).encode() in shipped
 
 
 def test_prompt_text_never_reaches_the_logs(endpoint, client):
     """Runs last: every request above carried MARKER (success, streaming, completions, every error path)."""
-    import ray
+    from serve.ray_private import session_log_dir
 
     client.chat.completions.create(**chat("merged", f"{MARKER} letzte Frage"))
     time.sleep(3)  # let replicas flush their log files
-    logs = Path(ray._private.worker._global_node.get_session_dir_path()) / "logs"
+    logs = session_log_dir()
     files = [p for p in logs.rglob("*") if p.is_file()]
     needle = MARKER.encode("utf-8")
     hits = [str(p) for p in files if needle in p.read_bytes()]

@@ -235,6 +235,9 @@ BASE = {"models": [{"id": "merged", "model": "tiny://qwen2"}]}
     ({"api_key_env": None, "api_key_file": None}, "<root>"),
     ({"tls_certfile": "/x.crt"}, "<root>"),
     ({"api_key": "inline-secret"}, "api_key"),
+    ({"models": [{"id": "m", "model": "tiny://qwen2", "autoscaling": {"min_replicas": 0}}]}, "<root>"),
+    ({"limits": {"max_concurrent_per_key": 3},
+      "models": [{"id": "m", "model": "tiny://qwen2", "autoscaling": {"max_replicas": 2}}]}, "<root>"),
 ])
 def test_invalid_serve_config_names_the_field(patch, field):
     with pytest.raises(ConfigError) as e:
@@ -276,3 +279,34 @@ def test_cli_serve_refuses_without_key_or_with_bad_config(tmp_path, monkeypatch)
     cfg.write_text("host: 0.0.0.0\ncors_origins: ['*']\nmodels: [{id: m, model: tiny://qwen2}]\n", encoding="utf-8")
     res = CliRunner().invoke(app, ["serve", "--config", str(cfg)])
     assert res.exit_code == 2 and "'cors_origins'" in res.output
+
+
+def test_serve_run_builder_refuses_tls_it_cannot_terminate(tmp_path, monkeypatch):
+    """Under `serve run`/RayService, Serve's proxy (http_options) terminates TLS; the app's tls_* alone would be
+    silently ignored, so the builder refuses with one line saying where TLS belongs."""
+    from serve.app import app_builder
+
+    monkeypatch.setenv("DM_TEST_TLS_KEY", KEY_A)
+    for name in ("tls.crt", "tls.key"):
+        (tmp_path / name).write_text("x", encoding="utf-8")
+    args = {"api_key_env": "DM_TEST_TLS_KEY", "models": [{"id": "m", "model": "tiny://qwen2"}],
+            "tls_certfile": str(tmp_path / "tls.crt"), "tls_keyfile": str(tmp_path / "tls.key")}
+    with pytest.raises(ValueError) as e:
+        app_builder(args)
+    msg = str(e.value)
+    assert "'tls_certfile'" in msg and "http_options.ssl_certfile" in msg and "\n" not in msg
+
+
+def test_rayservice_terminates_tls_at_serves_proxy_with_the_apps_certificate():
+    import yaml
+
+    from definemed.config import load_yaml
+
+    rs = yaml.safe_load(open("infra/k8s/rayservice.yaml", encoding="utf-8"))
+    serve_cfg = yaml.safe_load(rs["spec"]["serveConfigV2"])
+    app = load_yaml(serve_cfg["applications"][0]["args"]["config"])
+    http = serve_cfg["http_options"]
+    assert (http["ssl_certfile"], http["ssl_keyfile"]) == (app["tls_certfile"], app["tls_keyfile"])
+    head = rs["spec"]["rayClusterConfig"]["headGroupSpec"]["template"]["spec"]["containers"][0]
+    for probe in ("readinessProbe", "livenessProbe"):
+        assert "https://127.0.0.1:8000/" in " ".join(head[probe]["exec"]["command"])

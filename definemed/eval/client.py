@@ -6,13 +6,13 @@ from __future__ import annotations
 import logging
 import os
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from pydantic import Field
 
 from definemed.config import StrictModel
+from serve.endpoint import Endpoint  # noqa: F401 - one Endpoint for serving and evaluation
 
 log = logging.getLogger(__name__)
 
@@ -36,28 +36,6 @@ class RetryConfig(StrictModel):
 
 class RequestFailed(RuntimeError):
     """A request failed for good (a 4xx, or transient failures beyond the retry bound)."""
-
-
-@dataclass
-class Endpoint:
-    """Where one model answers. `resolve` (optional) supplies (base_url, api_key) on first use, so a server
-    that only hosts models for this run (our serve app) starts only if some request is still missing."""
-
-    base_url: str | None
-    model: str
-    api_key: str = ""
-    timeout_s: float = 120.0
-    http_client: Any = None  # tests pass an httpx client with a MockTransport
-    resolve: Any = None
-
-    def client(self):
-        from openai import OpenAI
-
-        if self.base_url is None:
-            self.base_url, self.api_key = self.resolve()
-        # The client's own retries are off: the bound and what counts as transient live in chat() below.
-        return OpenAI(base_url=self.base_url, api_key=self.api_key, timeout=self.timeout_s, max_retries=0,
-                      http_client=self.http_client)
 
 
 def resolve_api_key(cfg: EndpointConfig) -> str:

@@ -158,8 +158,8 @@ def _engine_task(engine, resources: Mapping[str, float]) -> Bundle:
 
 
 def serve_models(stage: str, cfg, resources: Mapping[str, float], phase: str = "run") -> list[Request]:
-    """A ServeConfig's deployments: one placement group per model replica (serve/app.py llm_config), plus the
-    ingress replicas."""
+    """A ServeConfig's deployments: one placement group per model replica (serve/app.py llm_config). The first
+    model's replicas are also the HTTP ingress, so the endpoint adds no deployment of its own."""
     out = []
     for spec in cfg.models:
         a = spec.autoscaling
@@ -167,9 +167,6 @@ def serve_models(stage: str, cfg, resources: Mapping[str, float], phase: str = "
                                    f"Serve LLM '{spec.id}' (TP{spec.engine.tensor_parallel_size})",
                                    spec.engine, resources, min_units=a.min_replicas, max_units=a.max_replicas,
                                    phase=phase))
-    ing = cfg.ingress
-    out.append(Request(stage, "ingress", "OpenAI ingress replica", [{"CPU": ing.num_cpus}], strategy="SPREAD",
-                       min_units=ing.autoscaling.min_replicas, max_units=ing.autoscaling.max_replicas, phase=phase))
     return out
 
 

@@ -18,7 +18,7 @@ def main(out_json, work):
     ref = {}
     for pii in (True, False):
         cfg = filter_cfg(src, work / f"out-{pii}", model, pii=pii)
-        outputs = run_stage(STAGES["filter"], cfg)
+        run_stage(STAGES["filter"], cfg)
         ref[f"pii={pii}"] = summarise(Path(cfg.output_dir))
     shutdown_ray()
     Path(out_json).write_text(json.dumps(ref, indent=1, ensure_ascii=False, sort_keys=True) + "\n")

@@ -1,0 +1,322 @@
+"""The serving app's small control plane: which replicas are alive with which weights, and each ingress replica's
+share of the per-key limits.
+
+Nothing here is on the request path. Every replica keeps one long-poll call open to a named actor
+(`ControlActor`); answers change only when replicas come, go or swap weights, so a request never waits on it.
+
+Two jobs:
+
+- **Swap gate.** A replica whose weights differ from those of an *older* live replica of the same model holds its
+  requests until that replica has drained and deregistered. Serve's rollout (`max_surge_percent`) starts the new
+  replica before stopping the old one; the gate makes the answers switch at one moment: every answer completed
+  before the last old replica is gone came from the old weights, every later one from the new.
+- **Limit shares.** The configured per-key limits hold for the whole app: the concurrency budget is split into
+  integer slots and the rate into fractions across the live ingress replicas. A replica's grant never makes the
+  sum exceed the budget: it gets at most what the others do not hold, and a shrinking share is granted only once
+  the replica has taken it.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional
+
+log = logging.getLogger("definemed.serve")
+
+NAMESPACE = "definemed"
+EXPIRY_S = 15.0  # a replica that has not called in for this long (crashed without deregistering) is dropped
+POLL_S = 2.0  # long-poll timeout: how often an idle replica checks in
+
+
+def actor_name(app_name: str) -> str:
+    return f"definemed-control:{app_name}"
+
+
+@dataclass
+class Limits:
+    """The configured per-key budgets (whole app)."""
+
+    max_concurrent_per_key: Optional[int] = None
+    requests_per_minute_per_key: Optional[float] = None
+
+
+@dataclass
+class _Replica:
+    model_id: str
+    weights: str
+    ingress: bool
+    seq: int
+    card: dict
+    seen: float
+    gate_open: bool = False
+    granted_slots: int = 0
+    granted_rate: float = 0.0
+
+
+@dataclass
+class ControlState:
+    """The control plane's state and rules, without Ray (unit-testable)."""
+
+    limits: Limits = field(default_factory=Limits)
+    clock: Callable[[], float] = time.monotonic
+    replicas: dict[str, _Replica] = field(default_factory=dict)
+    version: int = 0
+    _seq: int = 0
+    deployed: Optional[dict] = None  # what `launch` deployed (config + key digests), for `swap`
+
+    def _changed(self) -> None:
+        self.version += 1
+
+    def register(self, rid: str, model_id: str, weights: str, ingress: bool, card: dict) -> None:
+        if rid in self.replicas:
+            self.replicas[rid].seen = self.clock()
+            return
+        self._seq += 1
+        self.replicas[rid] = _Replica(model_id, weights, ingress, self._seq, card, self.clock())
+        self._changed()
+
+    def deregister(self, rid: str) -> None:
+        if self.replicas.pop(rid, None) is not None:
+            self._changed()
+
+    def touch(self, rid: str) -> bool:
+        r = self.replicas.get(rid)
+        if r is None:
+            return False
+        r.seen = self.clock()
+        return True
+
+    def expire(self) -> list[str]:
+        now = self.clock()
+        dead = [rid for rid, r in self.replicas.items() if now - r.seen > EXPIRY_S]
+        for rid in dead:
+            del self.replicas[rid]
+        if dead:
+            self._changed()
+        return dead
+
+    def set_limits(self, limits: Limits) -> None:
+        if limits != self.limits:
+            self.limits = limits
+            self._changed()
+
+    def _gate_open(self, rid: str) -> bool:
+        me = self.replicas[rid]
+        if not me.gate_open:
+            me.gate_open = not any(o.model_id == me.model_id and o.weights != me.weights and o.seq < me.seq
+                                   for o in self.replicas.values())
+            if me.gate_open:
+                self._changed()  # cards follow the weights that now answer
+        return me.gate_open
+
+    def _targets(self) -> dict[str, tuple[int, float]]:
+        ingress = sorted((r.seq, rid) for rid, r in self.replicas.items() if r.ingress)
+        n = len(ingress)
+        if not n:
+            return {}
+        slots = self.limits.max_concurrent_per_key or 0
+        rate = self.limits.requests_per_minute_per_key or 0.0
+        return {rid: (slots // n + (1 if i < slots % n else 0), rate / n) for i, (_, rid) in enumerate(ingress)}
+
+    def view(self, rid: str) -> dict[str, Any]:
+        """What replica `rid` must apply now. Records the grant: the sum of grants never exceeds the budget."""
+        me = self.replicas[rid]
+        out: dict[str, Any] = {"gate_open": self._gate_open(rid)}
+        if me.ingress:
+            target_slots, target_rate = self._targets().get(rid, (0, 0.0))
+            others = [r for o, r in self.replicas.items() if o != rid and r.ingress]
+            slots, rate = me.granted_slots, me.granted_rate
+            if self.limits.max_concurrent_per_key is not None:
+                free = self.limits.max_concurrent_per_key - sum(r.granted_slots for r in others)
+                me.granted_slots = max(0, min(target_slots, free))
+                out["max_concurrent_per_key"] = me.granted_slots
+            if self.limits.requests_per_minute_per_key is not None:
+                free_rate = self.limits.requests_per_minute_per_key - sum(r.granted_rate for r in others)
+                me.granted_rate = max(0.0, min(target_rate, free_rate))
+                out["requests_per_minute_per_key"] = me.granted_rate
+            if (slots, rate) != (me.granted_slots, me.granted_rate):
+                self._changed()  # a replica waiting for this share to shrink looks again
+        out["version"] = self.version
+        return out
+
+    def cards(self) -> dict[str, dict]:
+        """Per model id, the card of the weights that answer now (the newest replica whose gate is open)."""
+        best: dict[str, _Replica] = {}
+        for r in self.replicas.values():
+            if r.gate_open and (r.model_id not in best or r.seq > best[r.model_id].seq):
+                best[r.model_id] = r
+        return {m: dict(r.card) for m, r in best.items()}
+
+    def live(self, model_id: str) -> list[dict]:
+        """Every live replica of a model, oldest first: registration number, weights, whether it answers."""
+        return [{"seq": r.seq, "weights": r.weights, "gate_open": r.gate_open}
+                for r in sorted(self.replicas.values(), key=lambda r: r.seq) if r.model_id == model_id]
+
+
+def make_actor_class():
+    import ray
+
+    @ray.remote(num_cpus=0, max_restarts=-1, max_task_retries=-1, max_concurrency=1000)
+    class ControlActor:
+        """Holds a ControlState; replicas long-poll `sync` and wake up whenever the state changes."""
+
+        def __init__(self, limits: dict):
+            self.state = ControlState(Limits(**limits))
+            self.changed = asyncio.Condition()
+
+        async def _notify(self, before: int) -> None:
+            if self.state.version != before:
+                async with self.changed:
+                    self.changed.notify_all()
+
+        async def register(self, rid: str, model_id: str, weights: str, ingress: bool, card: dict) -> None:
+            before = self.state.version
+            self.state.register(rid, model_id, weights, ingress, card)
+            await self._notify(before)
+
+        async def deregister(self, rid: str) -> None:
+            before = self.state.version
+            self.state.deregister(rid)
+            await self._notify(before)
+
+        async def sync(self, rid: str, known: int, timeout: float = POLL_S) -> Optional[dict]:
+            """The replica's view once it differs from version `known` (or after `timeout`); None if unknown."""
+            before = self.state.version
+            self.state.expire()
+            if not self.state.touch(rid):
+                return None
+            await self._notify(before)
+            if self.state.version == known:
+                async with self.changed:
+                    try:
+                        await asyncio.wait_for(self.changed.wait_for(lambda: self.state.version != known), timeout)
+                    except asyncio.TimeoutError:
+                        pass
+            if rid not in self.state.replicas:
+                return None
+            before = self.state.version
+            view = self.state.view(rid)
+            await self._notify(before)
+            return view
+
+        async def set_limits(self, limits: dict) -> None:
+            before = self.state.version
+            self.state.set_limits(Limits(**limits))
+            await self._notify(before)
+
+        def cards(self) -> dict:
+            return self.state.cards()
+
+        def live(self, model_id: str) -> list:
+            return self.state.live(model_id)
+
+        def last_seq(self) -> int:
+            return self.state._seq
+
+        def set_deployed(self, deployed: dict) -> None:
+            self.state.deployed = deployed
+
+        def deployed(self) -> Optional[dict]:
+            return self.state.deployed
+
+    return ControlActor
+
+
+_ACTOR_CLS = None
+
+
+def get_control(app_name: str, limits: Optional[Limits] = None):
+    """The app's control actor (created on first use; detached, so it outlives the process that deployed)."""
+    global _ACTOR_CLS
+    if _ACTOR_CLS is None:
+        _ACTOR_CLS = make_actor_class()
+    lim = limits or Limits()
+    return _ACTOR_CLS.options(name=actor_name(app_name), namespace=NAMESPACE, lifetime="detached",
+                              get_if_exists=True).remote(lim.__dict__)
+
+
+def lookup_control(app_name: str):
+    """The running app's control actor, or None."""
+    import ray
+
+    try:
+        return ray.get_actor(actor_name(app_name), namespace=NAMESPACE)
+    except ValueError:
+        return None
+
+
+def kill_control(app_name: str) -> None:
+    import ray
+
+    actor = lookup_control(app_name)
+    if actor is not None:
+        ray.kill(actor, no_restart=True)
+
+
+class ControlClient:
+    """A replica's side: registers, keeps one long-poll open, opens the swap gate and applies limit shares."""
+
+    def __init__(self, app_name: str, rid: str, model_id: str, weights: str, ingress: bool, card: dict,
+                 limits: Optional[Limits] = None, on_limits: Optional[Callable[[dict], None]] = None):
+        self.app_name, self.rid, self.model_id, self.weights = app_name, rid, model_id, weights
+        self.ingress, self.card, self.limits, self.on_limits = ingress, card, limits, on_limits
+        self.gate = asyncio.Event()
+        self._actor = None
+        self._task: Optional[asyncio.Task] = None
+        self._version = -1
+        self._gated_since = time.monotonic()
+
+    async def _register(self) -> None:
+        self._actor = get_control(self.app_name, self.limits)
+        await self._actor.register.remote(self.rid, self.model_id, self.weights, self.ingress, self.card)
+        if self.limits is not None and self.ingress:
+            await self._actor.set_limits.remote(self.limits.__dict__)
+
+    async def start(self) -> None:
+        await self._register()
+        await self._apply(await self._actor.sync.remote(self.rid, -1, 0))
+        self._task = asyncio.get_running_loop().create_task(self._loop())
+
+    async def _apply(self, view: Optional[dict]) -> None:
+        if view is None:  # the actor restarted or dropped us: register again
+            await self._register()
+            self._version = -1
+            return
+        self._version = view["version"]
+        if view["gate_open"] and not self.gate.is_set():
+            waited = time.monotonic() - self._gated_since
+            if waited > 1.0:
+                log.info("model %s: serving weights %s (waited %.1fs for the previous weights to drain)",
+                         self.model_id, self.weights, waited)
+            self.gate.set()
+        if self.on_limits is not None and self.ingress:
+            self.on_limits({k: v for k, v in view.items() if k.endswith("_per_key")})
+
+    async def _loop(self) -> None:
+        while True:
+            try:
+                await self._apply(await self._actor.sync.remote(self.rid, self._version, POLL_S))
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:  # noqa: BLE001 - keep the last state; the actor comes back (max_restarts)
+                log.warning("control plane unreachable (%s); keeping the current gate and limit shares",
+                            type(e).__name__)
+                await asyncio.sleep(1.0)
+                try:
+                    await self._register()
+                except Exception:  # noqa: BLE001
+                    pass
+
+    async def cards(self) -> dict[str, dict]:
+        return await self._actor.cards.remote()
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+        if self._actor is not None:
+            try:
+                await asyncio.wait_for(self._actor.deregister.remote(self.rid), 10)
+            except Exception:  # noqa: BLE001 - expiry drops us anyway
+                pass
