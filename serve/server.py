@@ -9,6 +9,7 @@ weights have drained.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import time
 from typing import Any, AsyncIterator, Optional, Union
@@ -33,12 +34,12 @@ def weights_card(model_id: str, path: str, max_model_len: Optional[int]) -> dict
     artifacts of this platform, the stage and git revision from lineage.json."""
     from pathlib import Path
 
-    from definemed.lineage import MANIFEST_NAME, hash_path, read_manifest
+    from definemed.lineage import MANIFEST_NAME, hash_path
 
     card: dict[str, Any] = {"id": model_id, "object": "model", "created": int(time.time()), "owned_by": "definemed",
                             "root": path, "max_model_len": max_model_len, "weights_sha256": hash_path(path)}
     if (Path(path) / MANIFEST_NAME).is_file():
-        m = read_manifest(path)
+        m = json.loads((Path(path) / MANIFEST_NAME).read_text(encoding="utf-8"))
         card["lineage"] = {"stage": m.get("stage"), "created_utc": m.get("created_utc"),
                            "git_revision": m.get("git_revision")}
     return card

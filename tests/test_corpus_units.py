@@ -198,7 +198,7 @@ def test_words_are_one_definition_for_filter_decontam_and_failure_modes():
 
     text = "Ein 54-jähriger Patient erhielt 2,5 mg/kg Magen-Darm-Mittel."
     assert words(text) == ["Ein", "54-jähriger", "Patient", "erhielt", "2", "5", "mg", "kg", "Magen-Darm-Mittel"]
-    assert failure_modes.words is words and failure_modes.word_count(text) == word_count(text) == 9
+    assert failure_modes.words is words and failure_modes.word_count is word_count and word_count(text) == 9
     assert decontam.words(text) == [w.lower() for w in words(text)]
 
 
@@ -206,8 +206,7 @@ def test_pack_uses_the_ingest_definition_of_malformed_text():
     from definemed.corpus.malformed import malformed_reason
     from definemed.train import pack
 
-    for value in (None, "", " \n\u00a0", b"\xff\xfe", 17, "gut"):
-        assert pack.bad_text_reason(value) == malformed_reason(value)
+    assert pack.malformed_reason is malformed_reason  # the same function, not a copy of its rule
 
 
 def test_content_hash_ignores_whitespace_layout_only():

@@ -13,7 +13,7 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
-from definemed.text import words  # the one definition of a word, shared with the corpus filter
+from definemed.text import word_count, words  # the one definition of a word, shared with the corpus filter
 
 DEFAULT_LANGUAGES = ("GERMAN", "ENGLISH", "FRENCH", "SPANISH", "ITALIAN", "DUTCH", "POLISH", "PORTUGUESE",
                      "TURKISH", "RUSSIAN", "CHINESE")
@@ -150,10 +150,6 @@ class TypoCounter:
 
 
 # ---------------------------------------------------------------- verbosity
-def word_count(text: str) -> int:
-    return len(words(text))
-
-
 def token_counts(texts: Sequence[str], tokenizer) -> list[int]:
     if tokenizer is None:
         return [None] * len(texts)  # type: ignore[list-item]

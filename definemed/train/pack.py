@@ -22,6 +22,7 @@ from typing import Any, Iterable, Sequence
 from pydantic import Field
 
 from definemed.config import InputPath, StageConfig
+from definemed.corpus.malformed import malformed_reason
 from definemed.models.registry import ModelRef
 from definemed.train.split import HeldoutConfig
 
@@ -183,13 +184,6 @@ def separator_id(tok, eos_token: str | None) -> int:
     return int(tid)
 
 
-def bad_text_reason(text: Any) -> str | None:
-    """The corpus stages' rule for malformed text (null, not UTF-8 text, empty, whitespace): one definition."""
-    from definemed.corpus.malformed import malformed_reason
-
-    return malformed_reason(text)
-
-
 def tokenize_batch(batch, tokenizer_path: str, text_column: str, min_doc_tokens: int, eos_id: int | None = None):
     """Tokenize a batch of documents (the model's own special tokens, e.g. Mistral's BOS) and end each with EOS.
     Unusable rows are dropped here; the quarantine pass records them."""
@@ -197,7 +191,7 @@ def tokenize_batch(batch, tokenizer_path: str, text_column: str, min_doc_tokens:
 
     tok = load_tokenizer(tokenizer_path)
     eos = tok.eos_token_id if eos_id is None else eos_id
-    texts = [t for t in batch.column(text_column).to_pylist() if bad_text_reason(t) is None]
+    texts = [t for t in batch.column(text_column).to_pylist() if malformed_reason(t) is None]
     out: list[list[int]] = []
     if texts:
         for ids in tok(texts, add_special_tokens=True)["input_ids"]:
@@ -263,7 +257,7 @@ def check_text_column(files: list[str], fs: Any, column: str) -> None:
 
 
 def write_quarantine(files: list[str], fs: Any, column: str, out: Path) -> int:
-    """Malformed rows (`bad_text_reason`) go to quarantine.parquet, whole, with a `reason` column (nothing is
+    """Malformed rows (`corpus.malformed.malformed_reason`) go to quarantine.parquet, whole, with a `reason` column (nothing is
     lost silently). A scan of the text column in Arrow batches; only bad rows reach memory."""
     import pyarrow as pa
     import pyarrow.dataset as pads
@@ -274,7 +268,7 @@ def write_quarantine(files: list[str], fs: Any, column: str, out: Path) -> int:
     data = pads.dataset(paths, format="parquet", filesystem=filesystem)
     bad, reasons = [], []
     for batch in data.to_batches():
-        r = [bad_text_reason(t) for t in batch.column(column).to_pylist()]
+        r = [malformed_reason(t) for t in batch.column(column).to_pylist()]
         mask = pa.array([x is not None for x in r])
         if mask.true_count:
             bad.append(pa.Table.from_batches([batch]).filter(mask))
