@@ -155,73 +155,73 @@ class ControlState:
                 for r in sorted(self.replicas.values(), key=lambda r: r.seq) if r.model_id == model_id]
 
 
+class ControlActor:
+    """Holds a ControlState; replicas long-poll `sync` and wake up whenever the state changes."""
+
+    def __init__(self, limits: dict):
+        self.state = ControlState(Limits(**limits))
+        self.changed = asyncio.Condition()
+
+    async def _notify(self, before: int) -> None:
+        if self.state.version != before:
+            async with self.changed:
+                self.changed.notify_all()
+
+    async def register(self, rid: str, model_id: str, weights: str, ingress: bool, card: dict) -> None:
+        before = self.state.version
+        self.state.register(rid, model_id, weights, ingress, card)
+        await self._notify(before)
+
+    async def deregister(self, rid: str) -> None:
+        before = self.state.version
+        self.state.deregister(rid)
+        await self._notify(before)
+
+    async def sync(self, rid: str, known: int, timeout: float = POLL_S) -> Optional[dict]:
+        """The replica's view once it differs from version `known` (or after `timeout`); None if unknown."""
+        before = self.state.version
+        self.state.expire()
+        if not self.state.touch(rid):
+            return None
+        await self._notify(before)
+        if self.state.version == known:
+            async with self.changed:
+                try:
+                    await asyncio.wait_for(self.changed.wait_for(lambda: self.state.version != known), timeout)
+                except asyncio.TimeoutError:
+                    pass
+        if rid not in self.state.replicas:
+            return None
+        before = self.state.version
+        view = self.state.view(rid)
+        await self._notify(before)
+        return view
+
+    async def set_limits(self, limits: dict) -> None:
+        before = self.state.version
+        self.state.set_limits(Limits(**limits))
+        await self._notify(before)
+
+    def cards(self) -> dict:
+        return self.state.cards()
+
+    def live(self, model_id: str) -> list:
+        return self.state.live(model_id)
+
+    def last_seq(self) -> int:
+        return self.state._seq
+
+    def set_deployed(self, deployed: dict) -> None:
+        self.state.deployed = deployed
+
+    def deployed(self) -> Optional[dict]:
+        return self.state.deployed
+
+
 def make_actor_class():
     import ray
 
-    @ray.remote(num_cpus=0, max_restarts=-1, max_task_retries=-1, max_concurrency=1000)
-    class ControlActor:
-        """Holds a ControlState; replicas long-poll `sync` and wake up whenever the state changes."""
-
-        def __init__(self, limits: dict):
-            self.state = ControlState(Limits(**limits))
-            self.changed = asyncio.Condition()
-
-        async def _notify(self, before: int) -> None:
-            if self.state.version != before:
-                async with self.changed:
-                    self.changed.notify_all()
-
-        async def register(self, rid: str, model_id: str, weights: str, ingress: bool, card: dict) -> None:
-            before = self.state.version
-            self.state.register(rid, model_id, weights, ingress, card)
-            await self._notify(before)
-
-        async def deregister(self, rid: str) -> None:
-            before = self.state.version
-            self.state.deregister(rid)
-            await self._notify(before)
-
-        async def sync(self, rid: str, known: int, timeout: float = POLL_S) -> Optional[dict]:
-            """The replica's view once it differs from version `known` (or after `timeout`); None if unknown."""
-            before = self.state.version
-            self.state.expire()
-            if not self.state.touch(rid):
-                return None
-            await self._notify(before)
-            if self.state.version == known:
-                async with self.changed:
-                    try:
-                        await asyncio.wait_for(self.changed.wait_for(lambda: self.state.version != known), timeout)
-                    except asyncio.TimeoutError:
-                        pass
-            if rid not in self.state.replicas:
-                return None
-            before = self.state.version
-            view = self.state.view(rid)
-            await self._notify(before)
-            return view
-
-        async def set_limits(self, limits: dict) -> None:
-            before = self.state.version
-            self.state.set_limits(Limits(**limits))
-            await self._notify(before)
-
-        def cards(self) -> dict:
-            return self.state.cards()
-
-        def live(self, model_id: str) -> list:
-            return self.state.live(model_id)
-
-        def last_seq(self) -> int:
-            return self.state._seq
-
-        def set_deployed(self, deployed: dict) -> None:
-            self.state.deployed = deployed
-
-        def deployed(self) -> Optional[dict]:
-            return self.state.deployed
-
-    return ControlActor
+    return ray.remote(num_cpus=0, max_restarts=-1, max_task_retries=-1, max_concurrency=1000)(ControlActor)
 
 
 _ACTOR_CLS = None

@@ -280,11 +280,43 @@ def write_quarantine(files: list[str], fs: Any, column: str, out: Path) -> int:
     return table.num_rows
 
 
-def run(cfg: PackConfig) -> dict[str, str]:
-    import pyarrow.parquet as pq
+def write_shards(cfg: PackConfig, files: list[str], fs: Any, shards: Path, tok_path: str, *, eos_id: int,
+                 pad_id: int, bos_id: int | None) -> None:
+    """read -> (drop held-out) -> tokenize -> pack -> Parquet shards part-NNNNN, written all-or-nothing."""
     import ray
 
-    from definemed.io import atomic_dir, atomic_write_json
+    from definemed.io import atomic_dir
+
+    ctx = ray.data.DataContext.get_current()
+    old_order = ctx.execution_options.preserve_order
+    ctx.execution_options.preserve_order = True  # same input -> same groups -> same packing, every run
+    try:
+        paths, arrow_fs = _arrow_paths(files, fs)
+        cols = [cfg.text_column] + ([cfg.heldout.id_column] if cfg.heldout else [])
+        ds = ray.data.read_parquet(paths, filesystem=arrow_fs).select_columns(cols)
+        if cfg.limit_docs:
+            ds = ds.limit(cfg.limit_docs)
+        if cfg.heldout:
+            ds = ds.map_batches(drop_heldout, batch_format="pyarrow",
+                                fn_kwargs=dict(cfg=cfg.heldout, text_column=cfg.text_column))
+        ds = ds.map_batches(tokenize_batch, batch_size=cfg.tokenize_batch_size, batch_format="pyarrow",
+                            fn_kwargs=dict(tokenizer_path=tok_path, text_column=cfg.text_column,
+                                           min_doc_tokens=cfg.min_doc_tokens, eos_id=eos_id))
+        ds = ds.map_batches(pack_batch, batch_size=cfg.pack_group_docs, batch_format="pyarrow",
+                            fn_kwargs=dict(seq_len=cfg.seq_len, pad_id=pad_id, bos_id=bos_id))
+        with atomic_dir(shards) as tmp:
+            ds.write_parquet(str(tmp), max_rows_per_file=cfg.sequences_per_shard)
+            # Ray names files by write task; the stable part-NNNNN order is the dataloader's shard order.
+            for i, f in enumerate(sorted(tmp.glob("*.parquet"))):
+                os.replace(f, tmp / f"part-{i:05d}.parquet")
+    finally:
+        ctx.execution_options.preserve_order = old_order
+
+
+def run(cfg: PackConfig) -> dict[str, str]:
+    import pyarrow.parquet as pq
+
+    from definemed.io import atomic_write_json
     from definemed.models import resolve_model
 
     out = Path(cfg.output_dir)
@@ -305,30 +337,7 @@ def run(cfg: PackConfig) -> dict[str, str]:
         atomic_write_json(out / SPLIT_FILE, split)
 
     if not shards.exists():  # all-or-nothing: a killed pack leaves only a temp dir, which is redone
-        ctx = ray.data.DataContext.get_current()
-        old_order = ctx.execution_options.preserve_order
-        ctx.execution_options.preserve_order = True  # same input -> same groups -> same packing, every run
-        try:
-            paths, arrow_fs = _arrow_paths(files, fs)
-            cols = [cfg.text_column] + ([cfg.heldout.id_column] if cfg.heldout else [])
-            ds = ray.data.read_parquet(paths, filesystem=arrow_fs).select_columns(cols)
-            if cfg.limit_docs:
-                ds = ds.limit(cfg.limit_docs)
-            if cfg.heldout:
-                ds = ds.map_batches(drop_heldout, batch_format="pyarrow",
-                                    fn_kwargs=dict(cfg=cfg.heldout, text_column=cfg.text_column))
-            ds = ds.map_batches(tokenize_batch, batch_size=cfg.tokenize_batch_size, batch_format="pyarrow",
-                                fn_kwargs=dict(tokenizer_path=tok_path, text_column=cfg.text_column,
-                                               min_doc_tokens=cfg.min_doc_tokens, eos_id=eos_id))
-            ds = ds.map_batches(pack_batch, batch_size=cfg.pack_group_docs, batch_format="pyarrow",
-                                fn_kwargs=dict(seq_len=cfg.seq_len, pad_id=pad_id, bos_id=bos_id))
-            with atomic_dir(shards) as tmp:
-                ds.write_parquet(str(tmp), max_rows_per_file=cfg.sequences_per_shard)
-                # Ray names files by write task; the stable part-NNNNN order is the dataloader's shard order.
-                for i, f in enumerate(sorted(tmp.glob("*.parquet"))):
-                    os.replace(f, tmp / f"part-{i:05d}.parquet")
-        finally:
-            ctx.execution_options.preserve_order = old_order
+        write_shards(cfg, files, fs, shards, tok_path, eos_id=eos_id, pad_id=pad_id, bos_id=bos_id)
     n_bad = write_quarantine(files, fs, cfg.text_column, out)
 
     files = sorted(shards.glob("*.parquet"))
