@@ -165,7 +165,7 @@ def test_pii_redaction_counts_and_spares_look_alikes():
 
 
 def test_decontam_matches_13_gram_overlap_only():
-    from definemed.corpus.decontam import build_index, words
+    from definemed.corpus.decontam import build_index, normalised_words as words
 
     item = ("Ein 54-jähriger Patient stellt sich mit akuten retrosternalen Schmerzen vor, die in den linken Arm "
             "ausstrahlen. Welche Diagnose ist am wahrscheinlichsten?")
@@ -199,7 +199,7 @@ def test_words_are_one_definition_for_filter_decontam_and_failure_modes():
     text = "Ein 54-jähriger Patient erhielt 2,5 mg/kg Magen-Darm-Mittel."
     assert words(text) == ["Ein", "54-jähriger", "Patient", "erhielt", "2", "5", "mg", "kg", "Magen-Darm-Mittel"]
     assert failure_modes.words is words and failure_modes.word_count is word_count and word_count(text) == 9
-    assert decontam.words(text) == [w.lower() for w in words(text)]
+    assert decontam.normalised_words(text) == [w.lower() for w in words(text)]
 
 
 def test_pack_uses_the_ingest_definition_of_malformed_text():

@@ -23,7 +23,8 @@ if TYPE_CHECKING:
 RULES = ("ngram", "whole_item")
 
 
-def words(text: str) -> list[str]:
+def normalised_words(text: str) -> list[str]:
+    """The project's words (definemed.text), lower-cased: what n-grams compare."""
     return [w.lower() for w in _words(text)]
 
 
@@ -45,7 +46,7 @@ class NgramIndex:
     too_short: int = 0
 
     def add(self, item_id: str, text: str) -> None:
-        w = words(text)
+        w = normalised_words(text)
         self.items += 1
         if len(w) >= self.n:
             self.covered["ngram"] += 1
@@ -61,7 +62,7 @@ class NgramIndex:
 
     def match_rule(self, text: str) -> tuple[str, str] | None:
         """(item id, rule) of the first matching item, or None."""
-        w = words(text)
+        w = normalised_words(text)
         for i in range(len(w) - self.n + 1):
             if w[i] in self.first_words:
                 hit = self.grams.get(_h(w[i:i + self.n]))
