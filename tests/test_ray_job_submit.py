@@ -1,5 +1,5 @@
-"""A real `ray start --head` on loopback ports, real `ray job submit`s: the demo corpus stage, CPT with Ray Train
-inside the job, and the merge task on its export.
+"""A real `ray start --head` on loopback ports, real `ray job submit`s: pack on Ray Data, CPT with Ray Train
+inside the job, the merge task on its export, and an invalid config.
 
 The head runs in its own temp dir and process group, so stopping it never touches other Ray instances
 (no global `ray stop`).
@@ -48,32 +48,6 @@ def _submit(address, env, entrypoint, timeout=600):
 
 
 @pytest.mark.integration
-def test_submit_demo_corpus_stage(ray_head, tmp_path):
-    address, env = ray_head
-    demo = yaml.safe_load((REPO / "configs" / "demo.yaml").read_text())["stages"]
-    cfg = dict(demo["annotate"])
-    # The demo's own annotate section, made smaller: 32 sampled docs in 2 resumable shards.
-    cfg.update(output_dir=str(tmp_path / "annotate"), sample_size=32, shard_size=16, bootstrap=100)
-    cfg_path = tmp_path / "annotate.yaml"
-    cfg_path.write_text(yaml.safe_dump(cfg))
-    r = _submit(address, env, ["python", "-m", "jobs.annotate", "--config", str(cfg_path)])
-    assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-2000:]
-    assert "succeeded" in (r.stdout + r.stderr).lower()
-    done = json.loads((tmp_path / "annotate" / "_DONE.json").read_text())
-    import pandas as pd
-
-    labels = pd.read_parquet(done["outputs"]["labels"])
-    assert len(labels) == 32 and labels["id"].is_unique
-    assert set(labels["label"]) <= {"medical", "non_medical", "unparsed"}
-    assert (tmp_path / "annotate" / "lineage.json").exists()
-    # Submitting the same stage again resumes/skips: it must not clobber the finished output.
-    before = {p: p.stat().st_mtime_ns for p in (tmp_path / "annotate").rglob("*.parquet")}
-    r2 = _submit(address, env, ["python", "-m", "jobs.annotate", "--config", str(cfg_path)])
-    assert r2.returncode == 0 and "already complete" in (r2.stdout + r2.stderr)
-    assert {p: p.stat().st_mtime_ns for p in (tmp_path / "annotate").rglob("*.parquet")} == before
-
-
-@pytest.mark.integration
 def test_submit_invalid_config_fails_with_exit_2(ray_head, tmp_path):
     address, env = ray_head
     bad = tmp_path / "bad.yaml"
@@ -85,15 +59,27 @@ def test_submit_invalid_config_fails_with_exit_2(ray_head, tmp_path):
 
 
 @pytest.mark.integration
-def test_submit_cpt_with_ray_train_then_merge(ray_head, tmp_path):
-    """Ray Train inside a job (the cpt stage on 2 CPU workers), then the merge stage's Ray task on its export."""
-    import pyarrow.parquet as pq
-
+def test_submit_pack_then_cpt_with_ray_train_then_merge(ray_head, tmp_path):
+    """The training half of the demo as jobs: pack (Ray Data), cpt (Ray Train, 2 CPU workers), merge (a Ray task
+    on cpt's export). Resubmitting a finished stage reuses it and touches nothing. (The annotation stage runs
+    Ray Data with a vLLM engine in tests/test_corpus_pipeline.py; as a job it would add a minute of CI.)"""
     from definemed.data.sample import SAMPLE_WEB_DIR
-    from definemed.train.pack import pack_local
 
     address, env = ray_head
-    packed = pack_local(pq.read_table(SAMPLE_WEB_DIR, columns=["text"]), "tiny://qwen2", tmp_path / "pack", 256)
+    pack = {"output_dir": str(tmp_path / "pack"), "input": str(SAMPLE_WEB_DIR), "model": "tiny://qwen2",
+            "seq_len": 256, "sequences_per_shard": 64}
+    (tmp_path / "pack.yaml").write_text(yaml.safe_dump(pack))
+    r = _submit(address, env, ["python", "-m", "jobs.pack", "--config", str(tmp_path / "pack.yaml")])
+    assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-2000:]
+    assert "succeeded" in (r.stdout + r.stderr).lower()
+    done = json.loads((tmp_path / "pack" / "_DONE.json").read_text())
+    packed = Path(done["outputs"]["shards"]).parent
+    assert list(Path(done["outputs"]["shards"]).glob("part-*.parquet")) and (tmp_path / "pack" / "lineage.json").exists()
+    before = {p: p.stat().st_mtime_ns for p in (tmp_path / "pack").rglob("*.parquet")}
+    r2 = _submit(address, env, ["python", "-m", "jobs.pack", "--config", str(tmp_path / "pack.yaml")])
+    assert r2.returncode == 0 and "already complete" in (r2.stdout + r2.stderr)
+    assert {p: p.stat().st_mtime_ns for p in (tmp_path / "pack").rglob("*.parquet")} == before
+
     cpt = {"output_dir": str(tmp_path / "cpt"), "model": "tiny://qwen2", "packed": str(packed),
            "parallel": {"num_workers": 2, "cpus_per_worker": 1, "shard_group_size": 2},
            "optim": {"lr": 1e-3}, "train": {"seq_len": 256, "global_batch_tokens": 1024, "max_steps": 2},

@@ -77,14 +77,3 @@ def test_vllm_cpu_engine_generates(vllm_qwen2):
     outs = vllm_qwen2.chat([[{"role": "user", "content": "Was ist Bluthochdruck?"}]] * 2,
                            SamplingParams(max_tokens=8, min_tokens=8, temperature=0))
     assert len(outs) == 2 and all(len(o.outputs[0].token_ids) == 8 for o in outs)
-
-
-@pytest.mark.integration
-def test_vllm_cpu_engine_loads_mistral(tiny_mistral):
-    from vllm import SamplingParams
-
-    from definemed.engine import make_llm
-
-    llm = make_llm(tiny_mistral)
-    out = llm.generate(["Die Patientin"], SamplingParams(max_tokens=4, min_tokens=4, temperature=0))
-    assert len(out[0].outputs[0].token_ids) == 4
