@@ -20,10 +20,10 @@ LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 _STATE = {"enabled": False, "verbose": False}
 
 # "(RayTrainWorker pid=123)", "(pid=123, ip=10.0.0.1)", optionally coloured: output Ray forwards from workers.
-_WORKER_PREFIX = re.compile(r"^(?:\x1b\[[0-9;]*m)?\(.{0,200}?\bpid=\d+[^)]*\)")
+_WORKER_PREFIX = re.compile(r"^\s*(?:\x1b\[[0-9;]*m)*\(.{0,200}?\bpid=\d+[^)]*\)")
 # A line that is itself a log record below WARNING, in the formats of vLLM, Ray, Python logging and JSON logs.
 _INFO_RECORD = re.compile(
-    r"^(?:\x1b\[[0-9;]*m)?(?:"
+    r"^(?:\x1b\[[0-9;]*m)*(?:"
     r"(?:INFO|DEBUG)\s+\d\d-\d\d \d\d:\d\d:\d\d"  # vLLM: INFO 12-01 14:00:00 [file.py:1] ...
     r"|\d{4}-\d\d-\d\d[ T]\d\d:\d\d:\d\d[,.]\d+\s+(?:INFO|DEBUG)\b"  # Ray / logging: 2026-12-01 14:00:00,123 INFO
     r"|\[\d{4}-\d\d-\d\d \d\d:\d\d:\d\d[,.]\d+\]\s+(?:INFO|DEBUG)\b"
@@ -47,6 +47,8 @@ def configure(verbose: bool = False) -> None:
 
 def is_noise(line: str) -> bool:
     """True for lines the quiet console keeps out of sight (they still go to the stage log)."""
+    if not line.strip():
+        return True  # blank lines left behind by progress bars and worker output
     if _WORKER_PREFIX.match(line):
         return not _PROBLEM.search(line)
     if _INFO_RECORD.match(line):
@@ -84,13 +86,16 @@ class _Router(io.TextIOBase):
         return len(s)
 
     def _emit(self, line: str) -> None:
-        self._log.write(line.rsplit("\r", 1)[-1] + "\n")
+        # A library may keep a handler on this router after its stage ended (and closed the log): console only.
+        if not self._log.closed:
+            self._log.write(line.rsplit("\r", 1)[-1] + "\n")
         if self._verbose or not is_noise(line):
             self._console.write(line + "\n")
 
     def flush(self) -> None:
         self._console.flush()
-        self._log.flush()
+        if not self._log.closed:
+            self._log.flush()
 
     def close_line(self) -> None:
         if self._buf:

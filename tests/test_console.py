@@ -17,6 +17,9 @@ from definemed import console
     "(MapWorker(MapBatches(Scorer)) pid=77, ip=10.0.0.2) some library chatter",
     '{"asctime": "2026-12-01 14:00:00,000", "levelname": "INFO", "message": "HTTP Request: POST /v1/chat"}',
     "INFO:     127.0.0.1:51234 - \"POST /v1/chat/completions HTTP/1.1\" 200 OK",
+    "\x1b[2m\x1b[36m(pid=27796) \x1b[0m- split(2, equal=True): Tasks: 0; Actors: 0; Queued blocks: 0",
+    "                \x1b[2m\x1b[36m(pid=27795) \x1b[0m\u2714\ufe0f  Dataset train finished",
+    "   ",
 ])
 def test_library_chatter_is_noise(line):
     assert console.is_noise(line)
@@ -86,3 +89,28 @@ def test_verbose_shows_everything(tmp_path, monkeypatch):
     with console.stage_log("demo", str(tmp_path)):
         print("INFO 12-01 14:17:27 [x.py:1] engine chatter")
     assert "engine chatter" in out.getvalue()
+
+
+def test_a_handler_left_on_a_finished_stage_does_not_raise(tmp_path, monkeypatch):
+    """Ray or vLLM may keep a logging handler whose stream was the stage's stdout/stderr router; after the stage
+    its log file is closed, and the handler must not print "--- Logging error ---" tracebacks."""
+    import io
+    import logging
+
+    from definemed import console
+
+    monkeypatch.setitem(console._STATE, "enabled", True)
+    monkeypatch.setitem(console._STATE, "verbose", False)
+    err = io.StringIO()
+    monkeypatch.setattr("sys.stderr", err)
+    with console.stage_log("pack", str(tmp_path)):
+        import sys
+
+        stale = logging.StreamHandler(sys.stderr)  # what a library does while the stage runs
+    lg = logging.getLogger("stale-library")
+    lg.addHandler(stale)
+    try:
+        lg.warning("after the stage: still shown")
+    finally:
+        lg.removeHandler(stale)
+    assert "after the stage: still shown" in err.getvalue() and "Logging error" not in err.getvalue()
