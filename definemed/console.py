@@ -20,10 +20,10 @@ LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 _STATE = {"enabled": False, "verbose": False}
 
 # "(RayTrainWorker pid=123)", "(pid=123, ip=10.0.0.1)", optionally coloured: output Ray forwards from workers.
-_WORKER_PREFIX = re.compile(r"^\s*(?:\x1b\[[0-9;]*m)*\(.{0,200}?\bpid=\d+[^)]*\)")
+_WORKER_PREFIX = re.compile(r"^\s*(?:\x1b\[[0-9;]*[A-Za-z])*\(.{0,200}?\bpid=\d+[^)]*\)")
 # A line that is itself a log record below WARNING, in the formats of vLLM, Ray, Python logging and JSON logs.
 _INFO_RECORD = re.compile(
-    r"^(?:\x1b\[[0-9;]*m)*(?:"
+    r"^(?:\x1b\[[0-9;]*[A-Za-z])*(?:"
     r"(?:INFO|DEBUG)\s+\d\d-\d\d \d\d:\d\d:\d\d"  # vLLM: INFO 12-01 14:00:00 [file.py:1] ...
     r"|\d{4}-\d\d-\d\d[ T]\d\d:\d\d:\d\d[,.]\d+\s+(?:INFO|DEBUG)\b"  # Ray / logging: 2026-12-01 14:00:00,123 INFO
     r"|\[\d{4}-\d\d-\d\d \d\d:\d\d:\d\d[,.]\d+\]\s+(?:INFO|DEBUG)\b"
@@ -75,9 +75,10 @@ class _Router(io.TextIOBase):
         self._buf = ""
 
     def write(self, s: str) -> int:
-        if "\r" in s and "\n" not in s:
-            self._console.write(s)
-            self._console.flush()
+        if "\r" in s and "\n" not in s:  # a progress bar redrawing itself; workers' bars are noise too
+            if self._verbose or not is_noise(s.replace("\r", "")):
+                self._console.write(s)
+                self._console.flush()
             return len(s)
         self._buf += s
         while "\n" in self._buf:

@@ -20,6 +20,7 @@ from definemed import console
     "\x1b[2m\x1b[36m(pid=27796) \x1b[0m- split(2, equal=True): Tasks: 0; Actors: 0; Queued blocks: 0",
     "                \x1b[2m\x1b[36m(pid=27795) \x1b[0m\u2714\ufe0f  Dataset train finished",
     "   ",
+    "\x1b[A\x1b[36m(SplitCoordinator pid=17949)\x1b[0m Starting execution of Dataset train",
 ])
 def test_library_chatter_is_noise(line):
     assert console.is_noise(line)
@@ -114,3 +115,19 @@ def test_a_handler_left_on_a_finished_stage_does_not_raise(tmp_path, monkeypatch
     finally:
         lg.removeHandler(stale)
     assert "after the stage: still shown" in err.getvalue() and "Logging error" not in err.getvalue()
+
+
+def test_worker_progress_bars_stay_off_the_console_and_ours_do_not(tmp_path, monkeypatch):
+    import io
+    import sys
+
+    from definemed import console
+
+    monkeypatch.setitem(console._STATE, "enabled", True)
+    monkeypatch.setitem(console._STATE, "verbose", False)
+    out = io.StringIO()
+    monkeypatch.setattr("sys.stdout", out)
+    with console.stage_log("classify-train", str(tmp_path)):
+        sys.stdout.write("\r\x1b[2m\x1b[36m(pid=17949) \x1b[0m- split(2, equal=True):   0%|   | 0.00/1.00")
+        sys.stdout.write("\r[classify-train] epochs:  50%|#####     | 5/10")
+    assert "split(2" not in out.getvalue() and "[classify-train] epochs:  50%" in out.getvalue()
