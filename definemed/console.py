@@ -28,6 +28,7 @@ _INFO_RECORD = re.compile(
     r"|\d{4}-\d\d-\d\d[ T]\d\d:\d\d:\d\d[,.]\d+\s+(?:INFO|DEBUG)\b"  # Ray / logging: 2026-12-01 14:00:00,123 INFO
     r"|\[\d{4}-\d\d-\d\d \d\d:\d\d:\d\d[,.]\d+\]\s+(?:INFO|DEBUG)\b"
     r"|(?:INFO|DEBUG)(?::|\s+-)\s"  # INFO: / INFO - (uvicorn, some libraries)
+    r"|(?:INFO|DEBUG)\s+\d{4}-\d\d-\d\d \d\d:\d\d:\d\d[,.]\d+"  # Ray Serve: INFO 2026-12-01 20:28:18,234 serve
     r")")
 _PROBLEM = re.compile(r"\b(?:ERROR|CRITICAL|Traceback|Exception|Error:|FAILED)\b")
 
@@ -73,6 +74,7 @@ class _Router(io.TextIOBase):
         super().__init__()
         self._console, self._log, self._verbose = console, log, verbose
         self._buf = ""
+        self._in_noise = False  # indented lines after a noise line continue its record (e.g. a dumped dict)
 
     def write(self, s: str) -> int:
         if "\r" in s and "\n" not in s:  # a progress bar redrawing itself; workers' bars are noise too
@@ -90,7 +92,9 @@ class _Router(io.TextIOBase):
         # A library may keep a handler on this router after its stage ended (and closed the log): console only.
         if not self._log.closed:
             self._log.write(line.rsplit("\r", 1)[-1] + "\n")
-        if self._verbose or not is_noise(line):
+        noise = is_noise(line) or (self._in_noise and line[:1] in (" ", "\t"))
+        self._in_noise = noise
+        if self._verbose or not noise:
             self._console.write(line + "\n")
 
     def flush(self) -> None:

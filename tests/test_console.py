@@ -21,6 +21,7 @@ from definemed import console
     "                \x1b[2m\x1b[36m(pid=27795) \x1b[0m\u2714\ufe0f  Dataset train finished",
     "   ",
     "\x1b[A\x1b[36m(SplitCoordinator pid=17949)\x1b[0m Starting execution of Dataset train",
+    "INFO 2026-12-01 20:28:18,234 serve 10399 -- Started Serve in namespace \"serve\".",
 ])
 def test_library_chatter_is_noise(line):
     assert console.is_noise(line)
@@ -131,3 +132,24 @@ def test_worker_progress_bars_stay_off_the_console_and_ours_do_not(tmp_path, mon
         sys.stdout.write("\r\x1b[2m\x1b[36m(pid=17949) \x1b[0m- split(2, equal=True):   0%|   | 0.00/1.00")
         sys.stdout.write("\r[classify-train] epochs:  50%|#####     | 5/10")
     assert "split(2" not in out.getvalue() and "[classify-train] epochs:  50%" in out.getvalue()
+
+
+def test_a_multi_line_info_record_is_noise_to_its_end_and_a_traceback_is_not(tmp_path, monkeypatch):
+    import io
+
+    from definemed import console
+
+    monkeypatch.setitem(console._STATE, "enabled", True)
+    monkeypatch.setitem(console._STATE, "verbose", False)
+    out = io.StringIO()
+    monkeypatch.setattr("sys.stdout", out)
+    with console.stage_log("serve-demo", str(tmp_path)):
+        print("INFO 2026-12-01 20:28:20,777 serve 10399 -- {'autoscaling_config': {'max_replicas': 1,")
+        print("                        'min_replicas': 1},")
+        print(" 'name': 'model:merged'}")
+        print("[serve-demo] answer: ...")
+        print("Traceback (most recent call last):")
+        print('  File "x.py", line 1, in <module>')
+    shown = out.getvalue()
+    assert "min_replicas" not in shown and "model:merged" not in shown
+    assert "[serve-demo] answer" in shown and 'File "x.py"' in shown
