@@ -18,6 +18,7 @@ from typing import Iterator, TextIO
 
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 _STATE = {"enabled": False, "verbose": False}
+_ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
 
 # "(RayTrainWorker pid=123)", "(pid=123, ip=10.0.0.1)", optionally coloured: output Ray forwards from workers.
 _WORKER_PREFIX = re.compile(r"^\s*(?:\x1b\[[0-9;]*[A-Za-z])*\(.{0,200}?\bpid=\d+[^)]*\)")
@@ -48,8 +49,8 @@ def configure(verbose: bool = False) -> None:
 
 def is_noise(line: str) -> bool:
     """True for lines the quiet console keeps out of sight (they still go to the stage log)."""
-    if not line.strip():
-        return True  # blank lines left behind by progress bars and worker output
+    if not _ANSI.sub("", line).strip():
+        return True  # blank or cursor-movement-only lines left behind by progress bars and worker output
     if _WORKER_PREFIX.match(line):
         return not _PROBLEM.search(line)
     if _INFO_RECORD.match(line):

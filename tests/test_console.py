@@ -20,6 +20,7 @@ from definemed import console
     "\x1b[2m\x1b[36m(pid=27796) \x1b[0m- split(2, equal=True): Tasks: 0; Actors: 0; Queued blocks: 0",
     "                \x1b[2m\x1b[36m(pid=27795) \x1b[0m\u2714\ufe0f  Dataset train finished",
     "   ",
+    "\x1b[A",
     "\x1b[A\x1b[36m(SplitCoordinator pid=17949)\x1b[0m Starting execution of Dataset train",
     "INFO 2026-12-01 20:28:18,234 serve 10399 -- Started Serve in namespace \"serve\".",
 ])
