@@ -94,18 +94,14 @@ def test_verbose_shows_everything(tmp_path, monkeypatch):
     assert "engine chatter" in out.getvalue()
 
 
-def test_a_handler_left_on_a_finished_stage_does_not_raise(tmp_path, monkeypatch):
+def test_a_handler_left_on_a_finished_stage_does_not_raise(tmp_path, quiet_console):
     """Ray or vLLM may keep a logging handler whose stream was the stage's stdout/stderr router; after the stage
     its log file is closed, and the handler must not print "--- Logging error ---" tracebacks."""
-    import io
     import logging
 
     from definemed import console
 
-    monkeypatch.setitem(console._STATE, "enabled", True)
-    monkeypatch.setitem(console._STATE, "verbose", False)
-    err = io.StringIO()
-    monkeypatch.setattr("sys.stderr", err)
+    err = quiet_console("stderr")
     with console.stage_log("pack", str(tmp_path)):
         import sys
 
@@ -119,31 +115,22 @@ def test_a_handler_left_on_a_finished_stage_does_not_raise(tmp_path, monkeypatch
     assert "after the stage: still shown" in err.getvalue() and "Logging error" not in err.getvalue()
 
 
-def test_worker_progress_bars_stay_off_the_console_and_ours_do_not(tmp_path, monkeypatch):
-    import io
+def test_worker_progress_bars_stay_off_the_console_and_ours_do_not(tmp_path, quiet_console):
     import sys
 
     from definemed import console
 
-    monkeypatch.setitem(console._STATE, "enabled", True)
-    monkeypatch.setitem(console._STATE, "verbose", False)
-    out = io.StringIO()
-    monkeypatch.setattr("sys.stdout", out)
+    out = quiet_console("stdout")
     with console.stage_log("classify-train", str(tmp_path)):
         sys.stdout.write("\r\x1b[2m\x1b[36m(pid=17949) \x1b[0m- split(2, equal=True):   0%|   | 0.00/1.00")
         sys.stdout.write("\r[classify-train] epochs:  50%|#####     | 5/10")
     assert "split(2" not in out.getvalue() and "[classify-train] epochs:  50%" in out.getvalue()
 
 
-def test_a_multi_line_info_record_is_noise_to_its_end_and_a_traceback_is_not(tmp_path, monkeypatch):
-    import io
-
+def test_a_multi_line_info_record_is_noise_to_its_end_and_a_traceback_is_not(tmp_path, quiet_console):
     from definemed import console
 
-    monkeypatch.setitem(console._STATE, "enabled", True)
-    monkeypatch.setitem(console._STATE, "verbose", False)
-    out = io.StringIO()
-    monkeypatch.setattr("sys.stdout", out)
+    out = quiet_console("stdout")
     with console.stage_log("serve-demo", str(tmp_path)):
         print("INFO 2026-12-01 20:28:20,777 serve 10399 -- {'autoscaling_config': {'max_replicas': 1,")
         print("                        'min_replicas': 1},")
@@ -154,3 +141,21 @@ def test_a_multi_line_info_record_is_noise_to_its_end_and_a_traceback_is_not(tmp
     shown = out.getvalue()
     assert "min_replicas" not in shown and "model:merged" not in shown
     assert "[serve-demo] answer" in shown and 'File "x.py"' in shown
+
+
+@pytest.fixture()
+def quiet_console(monkeypatch):
+    """The CLI's quiet console, with one real stream replaced by a buffer the test reads."""
+    import io
+
+    from definemed import console
+
+    monkeypatch.setitem(console._STATE, "enabled", True)
+    monkeypatch.setitem(console._STATE, "verbose", False)
+
+    def capture(stream: str) -> io.StringIO:
+        buf = io.StringIO()
+        monkeypatch.setattr(f"sys.{stream}", buf)
+        return buf
+
+    return capture
