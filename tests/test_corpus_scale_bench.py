@@ -25,6 +25,21 @@ def test_synthetic_shard_plants_what_it_records():
     assert 300 < mean_words < 900  # log-normal around FineWeb2-de's ~550 words
 
 
+def test_same_seed_gives_the_same_corpus_in_every_process():
+    # PYTHONHASHSEED changes set order between processes; a benchmark or test corpus must not depend on it
+    import os
+    import subprocess
+
+    code = ("import hashlib; from definemed.corpus import synthetic; "
+            "c, _ = synthetic.synth_shard(0, 300, seed=11, near_dup_rate=0.2); "
+            "print(hashlib.sha256('\\x00'.join(c['text']).encode()).hexdigest())")
+    root = str(Path(__file__).resolve().parents[1])
+    digests = {subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=root,
+                              env={**os.environ, "PYTHONHASHSEED": hs, "PYTHONPATH": root}).stdout.strip()
+               for hs in ("1", "2", "3")}
+    assert len(digests) == 1, digests
+
+
 @pytest.mark.integration
 def test_ray_store_adapter_reads_object_store_use(ray_local):
     import numpy as np

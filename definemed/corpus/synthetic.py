@@ -155,7 +155,8 @@ def synth_shard(start: int, n: int, seed: int, medical_fraction: float = 0.02, e
     source's, so keep-the-smallest-id keeps the source."""
     rng = np.random.default_rng([seed, start])
     med, other = sentence_pools()
-    vocab = tuple({w for s in other[:400] for w in s.split(" ") if w.isalpha()})
+    # sorted: a set's order changes with PYTHONHASHSEED, and the planted variants must not
+    vocab = tuple(sorted({w for s in other[:400] for w in s.split(" ") if w.isalpha()}))
     cols: dict[str, list] = {c: [] for c in FINEWEB2_COLUMNS}
     truth: list[dict] = []
     n_words = np.clip(rng.lognormal(np.log(330), 1.0, n), 30, 20_000).astype(int)
