@@ -64,6 +64,24 @@ def test_prompts_are_german_and_shots_exclude_the_item(items):
     assert parse_letter("Die Antwort ist C.", "ABCD") == "C" and parse_letter("keine Ahnung", "ABCD") is None
 
 
+def test_accuracy_table_reports_chance_and_the_report_warns_only_when_no_model_beats_it():
+    from definemed.eval.mc import MCPrediction
+    from definemed.eval.report import chance_note
+
+    def preds(model, n_right, n=40, options=4):
+        return [MCPrediction(model, f"q{i}", "mmlu_de", "anatomy", "A", "A" if i < n_right else "B", i < n_right,
+                             n_options=options) for i in range(n)]
+
+    guessing = accuracy_table(preds("base", 10) + preds("cpt", 11), n_boot=200)
+    assert {r["chance"] for r in guessing} == {0.25}
+    assert chance_note(guessing) is not None  # 25% and 27.5% of 40 items: both CIs contain 25%
+    knows = accuracy_table(preds("base", 10) + preds("cpt", 36), n_boot=200)
+    assert chance_note(knows) is None  # 90% clears chance
+    # predictions saved before n_options was recorded: loglik ones still give it through their logprobs
+    old = [MCPrediction("m", "q", "medqa_de", "s", "A", "A", True, [-1.0] * 5)]
+    assert accuracy_table(old, n_boot=10)[0]["chance"] == pytest.approx(0.2)
+
+
 @pytest.mark.integration
 def test_every_item_gets_exactly_one_valid_prediction(vllm_qwen2, items):
     # every MedQA item and every MMLU subject; zero-shot prompts fit the fixture's 256-token context

@@ -256,6 +256,7 @@ class MCPrediction:
     correct: bool
     logprobs: list[float] = field(default_factory=list)
     raw: str | None = None
+    n_options: int = 0  # 0 in predictions written before it was recorded; loglik ones still have len(logprobs)
 
 
 def predict(model_name: str, items: Sequence[MCItem], prompts: Sequence[str], scoring: MCScoringConfig,
@@ -270,13 +271,13 @@ def predict(model_name: str, items: Sequence[MCItem], prompts: Sequence[str], sc
                 raise RuntimeError(f"{model_name}: no score for every letter of item {it.id}")
             pred = it.letters[int(np.argmax(lp))]
             preds.append(MCPrediction(model_name, it.id, it.benchmark, it.subject, it.answer_letter, pred,
-                                      pred == it.answer_letter, list(lp)))
+                                      pred == it.answer_letter, list(lp), n_options=len(it.letters)))
     else:
         assert llm is not None
         gens = generate_letters(llm, prompts, letters, scoring.max_gen_tokens, scoring.constrained, chat_template)
         for it, (raw, pred) in zip(items, gens):
             preds.append(MCPrediction(model_name, it.id, it.benchmark, it.subject, it.answer_letter, pred,
-                                      pred == it.answer_letter, [], raw))
+                                      pred == it.answer_letter, [], raw, n_options=len(it.letters)))
     return preds
 
 
@@ -286,18 +287,25 @@ def build_prompts(items: Sequence[MCItem], cfg: MCPromptConfig, generate: bool =
 
 
 def accuracy_table(preds: Sequence[MCPrediction], n_boot: int = 1000, seed: int = 0) -> list[dict[str, Any]]:
-    """Rows (benchmark, subject | "overall", model) with accuracy and its bootstrap CI."""
+    """Rows (benchmark, subject | "overall", model) with accuracy, its bootstrap CI and the chance level
+    (mean of 1 / options over the items; None when the option counts are unknown)."""
     groups: dict[tuple[str, str, str], list[float]] = defaultdict(list)
     unparsed: dict[tuple[str, str, str], int] = defaultdict(int)
+    chance: dict[tuple[str, str, str], list[float]] = defaultdict(list)
     for p in preds:
+        n_opt = p.n_options or len(p.logprobs)
         for subj in (p.subject, "overall"):
             key = (p.benchmark, subj, p.model)
             groups[key].append(1.0 if p.correct else 0.0)
             unparsed[key] += int(p.prediction is None)
+            if n_opt:
+                chance[key].append(1.0 / n_opt)
     rows = []
     for (bench, subj, model), vals in sorted(groups.items(), key=lambda kv: (kv[0][0], kv[0][1] == "overall",
                                                                              kv[0][1], kv[0][2])):
         est: Estimate = mean_ci(vals, n_boot=n_boot, seed=seed)
+        odds = chance[(bench, subj, model)]
         rows.append({"benchmark": bench, "subject": subj, "model": model, "n": est.n, "accuracy": est.value,
-                     "lo": est.lo, "hi": est.hi, "unparsed": unparsed[(bench, subj, model)]})
+                     "lo": est.lo, "hi": est.hi, "unparsed": unparsed[(bench, subj, model)],
+                     "chance": sum(odds) / len(odds) if len(odds) == len(vals) else None})
     return rows

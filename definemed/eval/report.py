@@ -144,6 +144,15 @@ def _md_models(cfg) -> list[str]:
     return ["## Models", "", _table(["model", "weights", "answers via"], rows), ""]
 
 
+def chance_note(table: list[dict]) -> str | None:
+    """A warning when no model's overall accuracy is distinguishable from guessing (CI contains chance)."""
+    overall = [r for r in table if r["subject"] == "overall" and r.get("chance") is not None]
+    if not overall or any(r["lo"] > r["chance"] or r["hi"] < r["chance"] for r in overall):
+        return None
+    return ("Every model's overall accuracy has chance level inside its 95% CI: these MC numbers do not tell the "
+            "models apart, and differences of a few items are noise.")
+
+
 def _md_mc(mc: dict, plots: dict[str, str]) -> list[str]:
     models = sorted({r["model"] for r in mc["table"]})
     by = {(r["benchmark"], r["subject"], r["model"]): r for r in mc["table"]}
@@ -157,13 +166,17 @@ def _md_mc(mc: dict, plots: dict[str, str]) -> list[str]:
             r = by.get((b, s, m))
             cells.append("" if r is None else _ci({"value": r["accuracy"], "lo": r["lo"], "hi": r["hi"], "n": r["n"]})
                          + (f" ({r['unparsed']} unparsed)" if r["unparsed"] else ""))
-        trows.append([b, f"**{s}**" if s == "overall" else s, n, *cells])
+        chance = next((by[(b, s, m)].get("chance") for m in models if (b, s, m) in by), None)
+        trows.append([b, f"**{s}**" if s == "overall" else s, n, _pct(chance), *cells])
     sc, pr = mc["scoring"], mc["prompt"]
     how = ("log-likelihood of the answer letters" if sc["mode"] == "loglik" else "generate and parse")
     md = ["## Multiple choice", "",
           f"Accuracy in % with 95% bootstrap CIs. Scoring: {how} ({sc['backend']}); "
-          f"{pr['shots']}-shot German prompts.", "",
-          _table(["benchmark", "subject", "n", *models], trows), ""]
+          f"{pr['shots']}-shot German prompts. Chance: the accuracy of guessing (1 / options, averaged).", ""]
+    note = chance_note(mc["table"])
+    if note:
+        md += [f"> {note}", ""]
+    md += [_table(["benchmark", "subject", "n", "chance", *models], trows), ""]
     if "mc" in plots:
         md += [f"![accuracy per subject]({plots['mc']})", ""]
     return md
