@@ -60,40 +60,36 @@ def test_submit_invalid_config_fails_with_exit_2(ray_head, tmp_path):
 
 @pytest.mark.integration
 def test_submit_pack_then_cpt_with_ray_train_then_merge(ray_head, tmp_path):
-    """The training half of the demo as jobs: pack (Ray Data), cpt (Ray Train, 2 CPU workers), merge (a Ray task
-    on cpt's export). Reuse of finished stages is tested in-process (tests/test_stale_outputs_stages.py), and the
-    annotation stage's Ray Data + vLLM path in tests/test_corpus_pipeline.py; as jobs they would add minutes of CI."""
+    """The training half of the demo as one pipeline job: pack (Ray Data), cpt (Ray Train, 2 CPU workers), merge
+    (a Ray task on cpt's export), all on the job's cluster. One job, not three: each job's driver start-up is CI
+    time, and every per-stage entrypoint is the same three lines over `jobs._common.main` (the invalid-config
+    test above submits one). Reuse of finished stages is tested in-process (tests/test_stale_outputs_stages.py),
+    and the annotation stage's Ray Data + vLLM path in tests/test_corpus_pipeline.py."""
     from definemed.data.sample import SAMPLE_WEB_DIR
 
     address, env = ray_head
-    pack = {"output_dir": str(tmp_path / "pack"), "input": str(SAMPLE_WEB_DIR), "model": "tiny://qwen2",
-            "seq_len": 256, "sequences_per_shard": 64}
-    (tmp_path / "pack.yaml").write_text(yaml.safe_dump(pack))
-    r = _submit(address, env, ["python", "-m", "jobs.pack", "--config", str(tmp_path / "pack.yaml")])
+    o = tmp_path / "out"
+    spec = {"stages": {
+        "pack": {"output_dir": str(o / "pack"), "input": str(SAMPLE_WEB_DIR), "model": "tiny://qwen2",
+                 "seq_len": 256, "sequences_per_shard": 64},
+        "cpt": {"output_dir": str(o / "cpt"), "model": "tiny://qwen2", "packed": str(o / "pack"),
+                "parallel": {"num_workers": 2, "cpus_per_worker": 1, "shard_group_size": 2},
+                "optim": {"lr": 1e-3}, "train": {"seq_len": 256, "global_batch_tokens": 1024, "max_steps": 2},
+                "checkpoint": {"every_steps": 2, "keep": 1, "max_failures": 0}},
+        "merge": {"output_dir": str(o / "merge"), "model_a": "tiny://qwen2", "model_b": str(o / "cpt" / "hf_model"),
+                  "method": "slerp", "t": {"self_attn": [0, 0.5, 1], "mlp": [1, 0.5, 0], "default": 0.5},
+                  "resources": {"num_cpus": 1, "num_gpus": 0, "memory": "1GiB"}}}}
+    (tmp_path / "pipeline.yaml").write_text(yaml.safe_dump(spec))
+    r = _submit(address, env, ["python", "-m", "jobs.pipeline", "--config", str(tmp_path / "pipeline.yaml")])
     assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-2000:]
     assert "succeeded" in (r.stdout + r.stderr).lower()
-    done = json.loads((tmp_path / "pack" / "_DONE.json").read_text())
-    packed = Path(done["outputs"]["shards"]).parent
-    assert list(Path(done["outputs"]["shards"]).glob("part-*.parquet")) and (tmp_path / "pack" / "lineage.json").exists()
 
-    cpt = {"output_dir": str(tmp_path / "cpt"), "model": "tiny://qwen2", "packed": str(packed),
-           "parallel": {"num_workers": 2, "cpus_per_worker": 1, "shard_group_size": 2},
-           "optim": {"lr": 1e-3}, "train": {"seq_len": 256, "global_batch_tokens": 1024, "max_steps": 2},
-           "checkpoint": {"every_steps": 2, "keep": 1, "max_failures": 0}}
-    (tmp_path / "cpt.yaml").write_text(yaml.safe_dump(cpt))
-    r = _submit(address, env, ["python", "-m", "jobs.cpt", "--config", str(tmp_path / "cpt.yaml")])
-    assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-2000:]
-    done = json.loads((tmp_path / "cpt" / "_DONE.json").read_text())
-    hf = Path(done["outputs"]["hf_model"])
-    assert (hf / "model.safetensors").exists()
-    assert json.loads(Path(done["outputs"]["summary"]).read_text())["steps"] == 2
-
-    merge = {"output_dir": str(tmp_path / "merge"), "model_a": "tiny://qwen2", "model_b": str(hf),
-             "method": "slerp", "t": {"self_attn": [0, 0.5, 1], "mlp": [1, 0.5, 0], "default": 0.5},
-             "resources": {"num_cpus": 1, "num_gpus": 0, "memory": "1GiB"}}
-    (tmp_path / "merge.yaml").write_text(yaml.safe_dump(merge))
-    r = _submit(address, env, ["python", "-m", "jobs.merge", "--config", str(tmp_path / "merge.yaml")])
-    assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-2000:]
-    done = json.loads((tmp_path / "merge" / "_DONE.json").read_text())
+    done = json.loads((o / "pack" / "_DONE.json").read_text())
+    assert list(Path(done["outputs"]["shards"]).glob("part-*.parquet")) and (o / "pack" / "lineage.json").exists()
+    done = json.loads((o / "cpt" / "_DONE.json").read_text())
+    assert (Path(done["outputs"]["hf_model"]) / "model.safetensors").exists()
+    summary = json.loads(Path(done["outputs"]["summary"]).read_text())
+    assert summary["steps"] == 2 and summary["mesh"] == [1, 2]  # Ray Train ran 2 workers inside the job
+    done = json.loads((o / "merge" / "_DONE.json").read_text())
     merged = Path(done["outputs"]["model"])
     assert (merged / "mergekit_config.yml").exists() and list(merged.glob("*.safetensors"))
