@@ -95,4 +95,8 @@ def make_llm(model: str, cfg: EngineConfig | None = None):
     cfg = cfg or EngineConfig()
     device = engine_device(cfg)
     prepare_env(cfg, device)
+    if device == "cpu":
+        # The engine core in this process: on CPU its own process and its worker's each cost a spawn that imports
+        # torch and vLLM (about 25 s of a 30 s start here) and overlap nothing. GPUs keep vLLM's default.
+        os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     return LLM(model=model, **engine_kwargs(cfg, device))

@@ -120,3 +120,27 @@ def test_batch_labelling_keeps_tensor_parallel_ranks_inside_the_engine_actor():
     assert "distributed_executor_backend" not in batch_engine_kwargs(EngineConfig(accelerator="gpu"))
     assert "distributed_executor_backend" not in batch_engine_kwargs(EngineConfig(tensor_parallel_size=2,
                                                                                   accelerator="cpu"))
+
+
+@pytest.mark.parametrize("accelerator, in_process", [("cpu", "0"), ("gpu", None)])
+def test_offline_engine_runs_its_core_in_process_on_cpu_only(monkeypatch, accelerator, in_process):
+    """On CPU the engine core and its worker in their own processes cost two torch+vLLM imports per engine;
+    on GPU vLLM's default (a separate core process, overlapping scheduling with compute) stays."""
+    import vllm
+
+    from definemed.engine import make_llm
+
+    seen = {}
+
+    class RecordingLLM:  # test double: records the environment vLLM would read, builds nothing
+        def __init__(self, model, **kw):
+            import os
+
+            seen.update(env=os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING"), kw=kw)
+
+    monkeypatch.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "1")  # recorded, so what make_llm sets is undone
+    monkeypatch.delenv("VLLM_ENABLE_V1_MULTIPROCESSING")
+    monkeypatch.setattr(vllm, "LLM", RecordingLLM)
+    make_llm("some/model", EngineConfig(accelerator=accelerator))
+    assert seen["env"] == in_process
+    assert seen["kw"]["enforce_eager"] is (accelerator == "cpu")
