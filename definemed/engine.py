@@ -88,15 +88,19 @@ def task_resources(cfg: EngineConfig, device: Device | None = None) -> dict[str,
     return {"num_cpus": 1, "num_gpus": gpus} if gpus else {"num_cpus": 1}
 
 
-def make_llm(model: str, cfg: EngineConfig | None = None):
-    """A local vllm.LLM (callers must run under `if __name__ == "__main__":`; vLLM spawns workers)."""
+def make_llm(model: str, cfg: EngineConfig | None = None, *, sole_engine: bool = False):
+    """A local vllm.LLM (callers must run under `if __name__ == "__main__":`; vLLM spawns workers).
+
+    `sole_engine`: this process builds no other engine and ends after this one (a Ray task with max_calls=1).
+    On CPU the engine core then runs in this process: its own process and its worker's each cost a spawn that
+    imports torch and vLLM, about 25 s of a 30 s start here. Not otherwise: vLLM's parallel state is then
+    process-global (a second engine's teardown breaks the first), and the core freezes the GC heap and caches
+    the environment of the process it runs in. GPUs keep vLLM's default."""
     from vllm import LLM
 
     cfg = cfg or EngineConfig()
     device = engine_device(cfg)
     prepare_env(cfg, device)
-    if device == "cpu":
-        # The engine core in this process: on CPU its own process and its worker's each cost a spawn that imports
-        # torch and vLLM (about 25 s of a 30 s start here) and overlap nothing. GPUs keep vLLM's default.
-        os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    if sole_engine and device == "cpu":
+        os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
     return LLM(model=model, **engine_kwargs(cfg, device))

@@ -122,10 +122,13 @@ def test_batch_labelling_keeps_tensor_parallel_ranks_inside_the_engine_actor():
                                                                                   accelerator="cpu"))
 
 
-@pytest.mark.parametrize("accelerator, in_process", [("cpu", "0"), ("gpu", None)])
-def test_offline_engine_runs_its_core_in_process_on_cpu_only(monkeypatch, accelerator, in_process):
-    """On CPU the engine core and its worker in their own processes cost two torch+vLLM imports per engine;
-    on GPU vLLM's default (a separate core process, overlapping scheduling with compute) stays."""
+@pytest.mark.parametrize("accelerator, sole, in_process", [("cpu", True, "0"), ("cpu", False, None),
+                                                         ("gpu", True, None)])
+def test_offline_engine_runs_its_core_in_process_only_as_a_sole_cpu_engine(monkeypatch, accelerator, sole,
+                                                                          in_process):
+    """On CPU the engine core and its worker in their own processes cost two torch+vLLM imports per engine; a
+    one-engine process (the eval stage's max_calls=1 tasks) keeps the core in-process. Anywhere else a second
+    engine in the same process would share vLLM's process-global state, and GPUs keep vLLM's default."""
     import vllm
 
     from definemed.engine import make_llm
@@ -141,6 +144,7 @@ def test_offline_engine_runs_its_core_in_process_on_cpu_only(monkeypatch, accele
     monkeypatch.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "1")  # recorded, so what make_llm sets is undone
     monkeypatch.delenv("VLLM_ENABLE_V1_MULTIPROCESSING")
     monkeypatch.setattr(vllm, "LLM", RecordingLLM)
-    make_llm("some/model", EngineConfig(accelerator=accelerator))
+    make_llm("some/model", EngineConfig(accelerator=accelerator), sole_engine=sole)
     assert seen["env"] == in_process
     assert seen["kw"]["enforce_eager"] is (accelerator == "cpu")
+

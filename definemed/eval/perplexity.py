@@ -151,7 +151,7 @@ def score_model(path: str, docs_by_set: dict[str, list[list[int]]], backends: Se
             need = max((len(d) for docs in docs_by_set.values() for d in docs), default=2) + 1
             if ecfg.max_model_len < need:
                 ecfg = ecfg.model_copy(update={"max_model_len": need})
-            llm = make_llm(path, ecfg)
+            llm = make_llm(path, ecfg, sole_engine=True)  # a max_calls=1 Ray task
             try:
                 for name, docs in docs_by_set.items():
                     out[name]["nll"]["vllm"] = nll_vllm(llm, docs)

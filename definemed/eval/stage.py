@@ -39,7 +39,7 @@ def _score_model(name: str, path: str, engine: dict, items: list[dict], prompts:
     llm = scorer = None
     try:
         if sc.backend == "vllm" or sc.mode == "generate":
-            llm = make_llm(path, EngineConfig(**engine))
+            llm = make_llm(path, EngineConfig(**engine), sole_engine=True)
             scorer = VllmScorer(llm, chat_template=chat_template, batch_size=sc.batch_size)
         else:
             scorer = TransformersScorer.from_path(path, chat_template, EngineConfig(**engine).max_model_len)
@@ -106,7 +106,7 @@ def run_mc(cfg: EvalConfig, out: Path, extra: dict[str, str] | None = None) -> l
                 continue
         cpus = (os.cpu_count() or 1) if scoring.backend == "transformers" else 1  # torch threads = task CPUs
         engine, opts = _task_options(engine, cpus=cpus)
-        task = ray.remote(max_retries=0, **opts)(_score_model)
+        task = ray.remote(max_retries=0, max_calls=1, **opts)(_score_model)  # one engine per process
         preds = ray.get(task.remote(name, path, engine.model_dump(), [it.model_dump() for it in items],
                                     prompts, scoring.model_dump(), cfg.mc.prompt.chat_template))
         if len(preds) != len(items):
@@ -145,7 +145,7 @@ def run_perplexity(cfg: EvalConfig, out: Path, extra: dict[str, str] | None = No
             # On the CPU build the forward pass is the only work running: give it every core (Ray sets a
             # task's torch threads to its num_cpus).
             engine, opts = _task_options(engine, cpus=os.cpu_count() or 1)
-            task = ray.remote(max_retries=0, **opts)(score_model)
+            task = ray.remote(max_retries=0, max_calls=1, **opts)(score_model)  # one engine per process
             cached = ray.get(task.remote(path, docs, backends, engine.model_dump()))
             atomic_write_json(f, {"fingerprint": fp, "model": name, "path": path, "per_set": cached})
         results[name] = cached
