@@ -147,4 +147,3 @@ def test_offline_engine_runs_its_core_in_process_only_as_a_sole_cpu_engine(monke
     make_llm("some/model", EngineConfig(accelerator=accelerator), sole_engine=sole)
     assert seen["env"] == in_process
     assert seen["kw"]["enforce_eager"] is (accelerator == "cpu")
-
