@@ -89,3 +89,20 @@ def test_real_small_pipeline_config_validates_and_uses_the_real_model_everywhere
     assert p.stages["pack"].model == p.stages["cpt"].model == p.stages["merge"].model_a == "real://gemma-3-270m"
     assert p.stages["pack"].heldout is not None and p.stages["eval"].frontier is not None
     assert set(p.stages["eval"].perplexity.backends) == {"vllm", "transformers"}
+
+
+def test_conversion_parses_each_gguf_once_and_restores_the_reader(tmp_path):
+    import gguf
+
+    w = gguf.GGUFWriter(str(tmp_path / "a.gguf"), arch="llama")
+    w.add_string("general.name", "tiny")
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    original = gguf.GGUFReader
+    with real._gguf_parsed_once():
+        first = gguf.GGUFReader(tmp_path / "a.gguf")
+        assert gguf.GGUFReader(str(tmp_path / "a.gguf")) is first  # what transformers opens 3x is parsed once
+        assert first.fields["general.name"].contents() == "tiny"
+    assert gguf.GGUFReader is original
