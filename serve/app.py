@@ -72,6 +72,7 @@ def llm_config(spec: ModelSpec, cfg: ServeConfig) -> "LLMConfig":
                            "graceful_shutdown_wait_loop_s": 0.5},
         runtime_env={"env_vars": model_env(spec, cfg)},
         log_engine_metrics=False,
+        callback_config={"callback_class": "serve.ray_private:LocalWeightsCallback"},
     )
 
 

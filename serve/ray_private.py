@@ -61,3 +61,27 @@ def direct_ingress_urls(app_name: str, scheme: str = "http") -> list[str]:
     groups = ray.get(client._controller.get_target_groups.remote(app_name))
     return sorted(f"{scheme}://{t.ip}:{t.port}" for g in groups if g.protocol == RequestProtocol.HTTP
                   for t in g.targets)
+
+
+def _callback_base():
+    from ray.llm._internal.common.callbacks.base import CallbackBase
+
+    return CallbackBase
+
+
+class LocalWeightsCallback(_callback_base()):
+    """Skips Ray Serve LLM's node initialisation when the model is a local directory.
+
+    Why private: Serve LLM starts one `initialize_remote_node` task per node of the replica's placement group to
+    download the model, each in a fresh worker process with the replica's runtime env. For a local path
+    (every `resolve_model` result: `tiny://`, `real://`, a merge output on shared storage) there is nothing to
+    download, and on 2 CPU cores that process start costs several seconds per replica. The only way to skip it
+    is the `CallbackCtx.run_init_node` flag of `LLMConfig.callback_config`.
+    """
+
+    async def on_before_node_init(self) -> None:
+        import os
+
+        source = self.llm_config.model_loading_config.model_source
+        if isinstance(source, str) and os.path.isdir(source):
+            self.ctx.run_init_node = False

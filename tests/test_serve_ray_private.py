@@ -44,3 +44,26 @@ def test_the_session_log_directory_is_reachable(ray_local):
     from serve.ray_private import session_log_dir
 
     assert session_log_dir().is_dir(), "Ray moved its session directory: serve/ray_private.session_log_dir"
+
+
+def test_local_weights_skip_serve_llms_node_download_and_remote_ones_do_not(tiny_qwen2):
+    import asyncio
+
+    from ray.llm._internal.serve.engines.vllm import vllm_engine
+
+    from serve.app import llm_config
+    from serve.config import ServeConfig
+
+    assert "run_init_node" in inspect.getsource(vllm_engine.VLLMEngine.start), \
+        "Serve LLM no longer checks CallbackCtx.run_init_node: serve/ray_private.LocalWeightsCallback does nothing"
+    cfg = ServeConfig(app_name="t", port=0, models=[{"id": "m", "model": tiny_qwen2}])
+    local = llm_config(cfg.models[0], cfg)
+    cb = local.get_or_create_callback()
+    asyncio.run(cb.run_callback("on_before_node_init"))
+    assert cb.ctx.run_init_node is False  # a local directory: nothing to download, no task per node
+    remote = local.model_copy(update={"model_loading_config": local.model_loading_config.model_copy(
+        update={"model_source": "Qwen/Qwen2.5-7B-Instruct"})})
+    remote._callback_instance = None
+    cb = remote.get_or_create_callback()
+    asyncio.run(cb.run_callback("on_before_node_init"))
+    assert cb.ctx.run_init_node is True  # a hub id: Serve LLM's own download runs as before
