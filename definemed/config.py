@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any, Type, TypeVar
 
 import yaml
-from pydantic import AfterValidator, BaseModel, ConfigDict, ValidationError, ValidationInfo, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
 from typing_extensions import Annotated
 
 T = TypeVar("T", bound="StrictModel")
@@ -36,6 +36,10 @@ class RayConfig(StrictModel):
     include_dashboard: bool = False
     namespace: str = "definemed"
     runtime_env: dict[str, Any] | None = None
+    # Ray Data reads each parquet dataset's footers on a pool of actors it starts per read (Ray 2.60 default 32:
+    # sized for many files on object storage). None: 1 for a local Ray, where 32 process starts cost ~10 s per
+    # read on 2 cores; Ray's own default when joining a cluster.
+    parquet_footer_actors: int | None = Field(default=None, ge=1)
 
 
 def hub_offline() -> bool:

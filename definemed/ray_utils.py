@@ -14,6 +14,8 @@ from definemed.config import RayConfig
 
 log = logging.getLogger(__name__)
 
+PARQUET_FOOTER_ACTORS_ENV = "RAY_DATA_PARQUET_FOOTER_NUM_ACTORS"
+
 # Variables workers need to see the same way as the driver (vLLM CPU KV cache, offline hub).
 _FORWARD_ENV = ("VLLM_CPU_KVCACHE_SPACE", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "DEFINEMED_CACHE",
                 "VLLM_CPU_OMP_THREADS_BIND", "OMP_NUM_THREADS")
@@ -40,6 +42,9 @@ def init_ray(cfg: RayConfig | None = None, address: str | None = None, **overrid
         return ray.get_runtime_context()
     for k, v in default_env().items():
         os.environ.setdefault(k, v)
+    footer_actors = cfg.parquet_footer_actors or (1 if addr in (None, "", "local") else None)
+    if footer_actors is not None:  # read where a dataset is built (the driver), so the driver's env is the one
+        os.environ.setdefault(PARQUET_FOOTER_ACTORS_ENV, str(footer_actors))
     kwargs: dict[str, Any] = dict(namespace=cfg.namespace, log_to_driver=True, logging_level=logging.WARNING)
     if addr in (None, "", "local"):
         runtime_env = dict(cfg.runtime_env or {})

@@ -33,7 +33,9 @@ def ray_head(tmp_path_factory):
 def _submit(address, env, entrypoint, timeout=600):
     cmd = [str(VENV_BIN / "ray"), "job", "submit", "--address", address, "--working-dir", str(REPO),
            "--runtime-env-json", json.dumps({"excludes": [".venv", ".cache", ".git", "outputs", "**/__pycache__"],
-                                             "env_vars": {"DEFINEMED_CACHE": os.environ["DEFINEMED_CACHE"]}}),
+                                             "env_vars": {"DEFINEMED_CACHE": os.environ["DEFINEMED_CACHE"],
+                                                          # a 2-core head: 1 parquet footer actor, not Ray's 32
+                                                          "RAY_DATA_PARQUET_FOOTER_NUM_ACTORS": "1"}}),
            "--", *entrypoint]
     deadline = time.time() + 240
     while True:

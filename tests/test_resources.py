@@ -2,6 +2,7 @@
 no GPU, so every GPU answer below can only come from the cluster resources given)."""
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -147,3 +148,23 @@ def test_offline_engine_runs_its_core_in_process_only_as_a_sole_cpu_engine(monke
     make_llm("some/model", EngineConfig(accelerator=accelerator), sole_engine=sole)
     assert seen["env"] == in_process
     assert seen["kw"]["enforce_eager"] is (accelerator == "cpu")
+
+
+@pytest.mark.parametrize("address, configured, expected", [
+    (None, None, "1"),  # a local Ray: one footer-reading actor per read, not Ray's 32
+    ("ray://head:10001", None, None),  # a cluster: Ray's own default
+    ("ray://head:10001", 8, "8"),
+    (None, 4, "4"),
+])
+def test_parquet_footer_actors_follow_config_and_local_or_cluster(monkeypatch, address, configured, expected):
+    import ray
+
+    from definemed.config import RayConfig
+    from definemed.ray_utils import PARQUET_FOOTER_ACTORS_ENV, init_ray
+
+    monkeypatch.delenv(PARQUET_FOOTER_ACTORS_ENV, raising=False)
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", lambda **kw: kw)  # test double: only the environment is under test
+    init_ray(RayConfig(address=address, parquet_footer_actors=configured))
+    assert os.environ.get(PARQUET_FOOTER_ACTORS_ENV) == expected
