@@ -104,32 +104,37 @@ def test_every_item_gets_exactly_one_valid_prediction(vllm_qwen2, items):
 
 
 @pytest.mark.integration
-def test_scorer_finds_planted_answer_and_follows_a_wrong_plant(tmp_path_factory, tiny_qwen2, items):
-    from definemed.engine import EngineConfig, make_llm
+def test_scorer_finds_planted_answer_and_follows_a_wrong_plant(ray_local, tmp_path_factory, tiny_qwen2, items):
+    import ray
 
-    path = build_copy_model(tiny_qwen2, tmp_path_factory.mktemp("copy_model"))
-    llm = make_llm(path, EngineConfig(max_model_len=1024))
-    try:
+    # The vLLM half runs in a Ray task: a process that holds this one engine and ends with it.
+    def planted_scores(path: str, items: list) -> dict:
+        from definemed.engine import EngineConfig, make_llm
+
+        llm = make_llm(path, EngineConfig(max_model_len=1024), sole_engine=True)
         tok = llm.get_tokenizer()
         letter_tokens = {tok.encode(" " + c, add_special_tokens=False)[0] for c in "ABCDE"}
         # Items whose own text contains no answer-letter token (" A" as in "A. iliaca" would be copied too).
         clean = [it for it in items if not set(tok.encode(build_prompt(it))) & letter_tokens]
         chosen = [it for it in clean if it.benchmark == "mmlu_de"][:5] + \
                  [it for it in clean if it.benchmark == "medqa_de"][:3]
-        assert len(chosen) == 8
         cases, prompts = [], []
         for it in chosen:
             for planted in range(len(it.letters)):  # the right letter and every wrong one
                 shot = it.model_copy(update={"answer": planted})
-                cases.append((it, planted))
+                cases.append(planted)
                 prompts.append(build_prompt(it, [shot, shot]))  # few-shot examples = the test item, answered
         scorer = VllmScorer(llm)
-        lps = scorer.letter_logprobs(prompts, [it.letters for it, _ in cases])
-        picked = [int(np.argmax(lp)) for lp in lps]
-        assert scorer.truncated == 0
-        assert picked == [planted for _, planted in cases]
+        lps = scorer.letter_logprobs(prompts, [it.letters for it in chosen for _ in it.letters])
         # without a plant the same model has nothing to copy and is not always right
         zero = predict("copy", chosen, build_prompts(chosen, MCPromptConfig()), MCScoringConfig(), scorer=scorer)
-        assert sum(p.correct for p in zero) < len(chosen)
-    finally:
-        del llm
+        return {"chosen": len(chosen), "planted": cases, "picked": [int(np.argmax(lp)) for lp in lps],
+                "truncated": scorer.truncated, "zero_correct": sum(p.correct for p in zero)}
+
+    path = build_copy_model(tiny_qwen2, tmp_path_factory.mktemp("copy_model"))
+    task = ray.remote(max_retries=0, max_calls=1, num_cpus=2)(planted_scores)
+    res = ray.get(task.remote(path, items))
+    assert res["chosen"] == 8
+    assert res["truncated"] == 0
+    assert res["picked"] == res["planted"]
+    assert res["zero_correct"] < res["chosen"]

@@ -273,17 +273,20 @@ def test_output_is_a_complete_reproducible_model(study_merge, tiny_qwen2, tmp_pa
 
 @pytest.mark.integration
 def test_merged_model_generates_in_vllm_cpu_engine(study_merge):
-    from vllm import SamplingParams
+    import ray
 
-    from definemed.engine import make_llm
+    def generate(path: str) -> list[int]:  # a process that holds this one engine and ends with it
+        from vllm import SamplingParams
 
-    llm = make_llm(study_merge[1]["model"])
-    try:
+        from definemed.engine import make_llm
+
+        llm = make_llm(path, sole_engine=True)
         outs = llm.chat([[{"role": "user", "content": "Was ist Bluthochdruck?"}]] * 2,
                         SamplingParams(max_tokens=8, min_tokens=8, temperature=0))
-        assert len(outs) == 2 and all(len(o.outputs[0].token_ids) == 8 for o in outs)
-    finally:
-        del llm
+        return [len(o.outputs[0].token_ids) for o in outs]
+
+    task = ray.remote(max_retries=0, max_calls=1, num_cpus=2)(generate)
+    assert ray.get(task.remote(study_merge[1]["model"])) == [8, 8]
 
 
 @pytest.mark.integration

@@ -2,7 +2,7 @@
 
 Resolve (package installed by the bootstrap), load in transformers, tell German from word salad, pack with a
 held-out split on Ray Data, two CPT steps under FSDP2 with 2 workers, export, reload the export in vLLM, where
-its perplexity agrees with transformers' (the eval stage's two backends).
+its perplexity agrees with transformers' (the eval stage's two backends, in the stage's own Ray task).
 """
 from __future__ import annotations
 
@@ -64,12 +64,11 @@ def test_german_is_at_least_5x_less_perplexing_than_its_scrambled_words(hf_gemma
 
 
 def test_pack_holdout_two_fsdp2_cpt_steps_export_and_reload_in_vllm(ray_local, real_gemma, tmp_path):
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    import ray
+    from transformers import AutoTokenizer
 
     from definemed.data.sample import SAMPLE_WEB_DIR
-    from definemed.engine import EngineConfig, make_llm
-    from definemed.eval.perplexity import nll_transformers, nll_vllm, tokenize_docs
+    from definemed.eval.perplexity import score_model, tokenize_docs
 
     pack_cfg = STAGES["pack"].config_model().model_validate(dict(
         output_dir=str(tmp_path / "pack"), input=str(SAMPLE_WEB_DIR), model="real://gemma-3-270m", seq_len=128,
@@ -92,18 +91,13 @@ def test_pack_holdout_two_fsdp2_cpt_steps_export_and_reload_in_vllm(ray_local, r
 
     export = out["hf_model"]
     docs = tokenize_docs(tok, [SENTENCE, _scrambled(SENTENCE)], 256)
-    llm = make_llm(export, EngineConfig(max_model_len=256))
-    try:
-        nll_v = nll_vllm(llm, docs)
-        text = llm.generate(["Metformin ist ein Medikament zur Behandlung von"],
-                            __import__("vllm").SamplingParams(max_tokens=8, temperature=0.0))[0].outputs[0].text
-    finally:
-        del llm
+    # The eval stage's perplexity task on the export: vLLM (bf16) and transformers (fp32) in one process that
+    # holds nothing else, as the stage runs it.
+    task = ray.remote(max_retries=0, max_calls=1, num_cpus=2)(score_model)
+    nll = ray.get(task.remote(export, {"s": docs}, ["vllm", "transformers"], {"max_model_len": 256}))["s"]["nll"]
+    nll_v, nll_t = nll["vllm"], nll["transformers"]
     ppl = math.exp(nll_v[0] / (len(docs[0]) - 1))
     assert ppl < 200, ppl  # two gentle steps keep the model a language model
-    assert text.strip()
-    # The eval stage's two perplexity backends agree on the exported weights (vLLM bf16, transformers fp32).
-    model = AutoModelForCausalLM.from_pretrained(export, dtype=torch.float32).eval()
-    nll_t = nll_transformers(model, docs)
-    for x, y in zip(nll_t, nll_v):
+    assert nll_v[1] > nll_v[0]  # and it still tells German from its scrambled words
+    for x, y in zip(nll_t, nll_v):  # the two backends agree on the exported weights
         assert abs(x - y) / x < 0.01, (nll_t, nll_v)
