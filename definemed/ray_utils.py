@@ -42,11 +42,12 @@ def init_ray(cfg: RayConfig | None = None, address: str | None = None, **overrid
         return ray.get_runtime_context()
     for k, v in default_env().items():
         os.environ.setdefault(k, v)
-    footer_actors = cfg.parquet_footer_actors or (1 if addr in (None, "", "local") else None)
+    local = addr in (None, "", "local")
+    footer_actors = cfg.parquet_footer_actors or (1 if local else None)
     if footer_actors is not None:  # read where a dataset is built (the driver), so the driver's env is the one
         os.environ.setdefault(PARQUET_FOOTER_ACTORS_ENV, str(footer_actors))
     kwargs: dict[str, Any] = dict(namespace=cfg.namespace, log_to_driver=True, logging_level=logging.WARNING)
-    if addr in (None, "", "local"):
+    if local:
         runtime_env = dict(cfg.runtime_env or {})
         runtime_env["env_vars"] = {**default_env(), **(runtime_env.get("env_vars") or {})}
         kwargs.update(address="local", num_cpus=cfg.num_cpus, include_dashboard=cfg.include_dashboard,

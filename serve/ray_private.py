@@ -3,7 +3,10 @@
 """
 from __future__ import annotations
 
+import os
 from typing import Any, Optional
+
+from ray.llm._internal.common.callbacks.base import CallbackBase
 
 
 async def native_openai_app(server: Any):
@@ -63,13 +66,7 @@ def direct_ingress_urls(app_name: str, scheme: str = "http") -> list[str]:
                   for t in g.targets)
 
 
-def _callback_base():
-    from ray.llm._internal.common.callbacks.base import CallbackBase
-
-    return CallbackBase
-
-
-class LocalWeightsCallback(_callback_base()):
+class LocalWeightsCallback(CallbackBase):
     """Skips Ray Serve LLM's node initialisation when the model is a local directory.
 
     Why private: Serve LLM starts one `initialize_remote_node` task per node of the replica's placement group to
@@ -80,8 +77,6 @@ class LocalWeightsCallback(_callback_base()):
     """
 
     async def on_before_node_init(self) -> None:
-        import os
-
         source = self.llm_config.model_loading_config.model_source
         if isinstance(source, str) and os.path.isdir(source):
             self.ctx.run_init_node = False
