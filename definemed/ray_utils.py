@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import Any
+from typing import Any, Callable, Iterator
 
 from definemed.config import RayConfig
 
@@ -70,3 +70,22 @@ def shutdown_ray() -> None:
 
     if ray.is_initialized():
         ray.shutdown()
+
+
+
+def as_completed(jobs: list[tuple[Any, Callable[[], Any]]], limit: int, desc: str,
+                 unit: str = "task") -> Iterator[tuple[Any, Any]]:
+    """(key, result) for each (key, submit) job as its Ray task finishes, with a progress bar. `submit()` starts
+    the task and returns its ObjectRef; at most `limit` run at once, and Ray places them as resources allow."""
+    import ray
+    from tqdm import tqdm
+
+    queue, running = list(jobs), {}
+    with tqdm(total=len(queue), desc=desc, unit=unit) as bar:
+        while queue or running:
+            while queue and len(running) < limit:
+                key, submit = queue.pop(0)
+                running[submit()] = key
+            (done,), _ = ray.wait(list(running), num_returns=1)
+            yield running.pop(done), ray.get(done)
+            bar.update(1)

@@ -168,3 +168,25 @@ def test_parquet_footer_actors_follow_config_and_local_or_cluster(monkeypatch, a
     monkeypatch.setattr(ray, "init", lambda **kw: kw)  # test double: only the environment is under test
     init_ray(RayConfig(address=address, parquet_footer_actors=configured))
     assert os.environ.get(PARQUET_FOOTER_ACTORS_ENV) == expected
+
+
+@pytest.mark.integration
+def test_as_completed_keeps_at_most_limit_tasks_running_and_returns_every_result(ray_local):
+    """The eval stage's model tasks: submitted `limit` at a time, side by side, every result under its key."""
+    import time
+
+    import ray
+
+    from definemed.ray_utils import as_completed
+
+    @ray.remote(num_cpus=1)
+    def span(i: int) -> tuple[int, float, float]:
+        t0 = time.monotonic()  # one clock for every process on this host
+        time.sleep(3)  # longer than a worker process takes to start, so the first two overlap
+        return i, t0, time.monotonic()
+
+    got = dict(as_completed([(f"m{i}", lambda i=i: span.remote(i)) for i in range(4)], limit=2, desc="test"))
+    assert sorted(got) == [f"m{i}" for i in range(4)] and all(got[f"m{i}"][0] == i for i in range(4))
+    spans = [v[1:] for v in got.values()]
+    running = [sum(a <= t < b for a, b in spans) for t, _ in spans]  # tasks running as each one starts
+    assert max(running) == 2, spans  # two side by side, never three

@@ -98,6 +98,9 @@ class EvalConfig(StageConfig):
     failure_modes: FailureModesConfig | None = FailureModesConfig()
     hosting: HostingConfig = HostingConfig()
     report: ReportConfig = ReportConfig()
+    parallel_models: int = Field(2, ge=1, description="models scored at once for MC and perplexity, each in its "
+                                 "own Ray task with its own engine, placed as resources allow: on CPU two "
+                                 "overlap their start-up; on a GPU cluster, as many as have free GPUs")
 
     @model_validator(mode="after")
     def _consistent(self) -> "EvalConfig":

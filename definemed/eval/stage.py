@@ -1,7 +1,8 @@
 """`eval` stage: MC benchmarks, pairwise judging, failure modes, one report.
 
-Order keeps peak memory low: MC scoring runs one local engine at a time (a Ray task per model), then the serve
-app hosts the candidates and the judge for generation and judging, and is shut down before the analysis.
+Order keeps peak memory bounded: MC scoring runs `parallel_models` local engines at a time (a Ray task per model,
+placed as resources allow), then the serve app hosts the candidates and the judge for generation and judging, and
+is shut down before perplexity and the analysis.
 Every step resumes: MC results per model, answers and judgments are cached under output_dir.
 """
 from __future__ import annotations
@@ -10,6 +11,7 @@ import json
 import logging
 import os
 from dataclasses import asdict
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -78,9 +80,9 @@ def _scored_models(cfg: EvalConfig, names: list[str], extra: dict[str, str] | No
 
 def run_mc(cfg: EvalConfig, out: Path, extra: dict[str, str] | None = None) -> list[dict]:
     import ray
-    from tqdm import tqdm
 
     from definemed.eval.mc import build_prompts
+    from definemed.ray_utils import as_completed
 
     assert cfg.mc is not None
     items: list[MCItem] = []
@@ -89,9 +91,10 @@ def run_mc(cfg: EvalConfig, out: Path, extra: dict[str, str] | None = None) -> l
     generate = cfg.mc.scoring.mode == "generate"
     prompts = build_prompts(items, cfg.mc.prompt, generate=generate)
     out.mkdir(parents=True, exist_ok=True)
-    all_preds: list[dict] = []
-    for name, (path, engine) in tqdm(_scored_models(cfg, cfg.mc_models(), extra).items(), desc="mc models",
-                                     unit="model"):
+    by_model: dict[str, list[dict]] = {}
+    jobs: list[tuple[tuple[str, str, str], Any]] = []  # ((name, path, fingerprint), submit)
+    models = _scored_models(cfg, cfg.mc_models(), extra)
+    for name, (path, engine) in models.items():
         scoring = cfg.mc.scoring
         if extra and name in extra and cfg.frontier is not None:  # frontier points: the frontier's backend
             scoring = scoring.model_copy(update={"backend": cfg.frontier.backends[0]})
@@ -102,18 +105,21 @@ def run_mc(cfg: EvalConfig, out: Path, extra: dict[str, str] | None = None) -> l
             saved = json.loads(f.read_text(encoding="utf-8"))
             if saved.get("fingerprint") == fp:
                 log.info("[mc] %s: reusing %s", name, f)
-                all_preds += saved["predictions"]
+                by_model[name] = saved["predictions"]
                 continue
         cpus = (os.cpu_count() or 1) if scoring.backend == "transformers" else 1  # torch threads = task CPUs
         engine, opts = _task_options(engine, cpus=cpus)
         task = ray.remote(max_retries=0, max_calls=1, **opts)(_score_model)  # one engine per process
-        preds = ray.get(task.remote(name, path, engine.model_dump(), [it.model_dump() for it in items],
-                                    prompts, scoring.model_dump(), cfg.mc.prompt.chat_template))
+        args = (name, path, engine.model_dump(), [it.model_dump() for it in items], prompts, scoring.model_dump(),
+                cfg.mc.prompt.chat_template)
+        jobs.append(((name, path, fp), partial(task.remote, *args)))
+    for (name, path, fp), preds in as_completed(jobs, cfg.parallel_models, desc="mc models", unit="model"):
         if len(preds) != len(items):
             raise RuntimeError(f"[mc] {name}: {len(preds)} predictions for {len(items)} items")
-        atomic_write_json(f, {"fingerprint": fp, "model": name, "path": path, "predictions": preds})
-        all_preds += preds
-    return all_preds
+        atomic_write_json(out / f"{name}.json",
+                          {"fingerprint": fp, "model": name, "path": path, "predictions": preds})
+        by_model[name] = preds
+    return [p for name in models for p in by_model[name]]
 
 
 # ---------------------------------------------------------------- perplexity
@@ -121,9 +127,9 @@ def run_perplexity(cfg: EvalConfig, out: Path, extra: dict[str, str] | None = No
     """Per model and set: predicted-token counts and summed NLLs per document under each backend (cached per
     model; extra models, the frontier's points, use the frontier's backends)."""
     import ray
-    from tqdm import tqdm
 
     from definemed.eval.perplexity import fingerprint_sets, load_set, prepare_docs, read_cached, score_model
+    from definemed.ray_utils import as_completed
 
     pc = cfg.perplexity
     assert pc is not None
@@ -134,22 +140,27 @@ def run_perplexity(cfg: EvalConfig, out: Path, extra: dict[str, str] | None = No
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_json(out / "documents.json", {n: [i for i, _ in d] for n, d in sets.items()})
     results: dict[str, dict] = {}
-    for name, (path, engine) in tqdm(_scored_models(cfg, cfg.perplexity_models(), extra).items(),
-                                     desc="perplexity models", unit="model"):
+    jobs: list[tuple[tuple[str, str, str], Any]] = []  # ((name, path, fingerprint), submit)
+    models = _scored_models(cfg, cfg.perplexity_models(), extra)
+    for name, (path, engine) in models.items():
         backends = list(cfg.frontier.backends if extra and name in extra else pc.backends)
         fp = stable_key("ppl", path, engine.model_dump(), backends, pc.max_tokens, fingerprint_sets(sets))
-        f = out / f"{name}.json"
-        cached = read_cached(f, fp)
-        if cached is None:
-            docs = prepare_docs(path, sets, pc.max_tokens)
-            # On the CPU build the forward pass is the only work running: give it every core (Ray sets a
-            # task's torch threads to its num_cpus).
-            engine, opts = _task_options(engine, cpus=os.cpu_count() or 1)
-            task = ray.remote(max_retries=0, max_calls=1, **opts)(score_model)  # one engine per process
-            cached = ray.get(task.remote(path, docs, backends, engine.model_dump()))
-            atomic_write_json(f, {"fingerprint": fp, "model": name, "path": path, "per_set": cached})
-        results[name] = cached
-    return results
+        cached = read_cached(out / f"{name}.json", fp)
+        if cached is not None:
+            results[name] = cached
+            continue
+        docs = prepare_docs(path, sets, pc.max_tokens)
+        # On the CPU build give each task every core (Ray sets a task's torch threads to its num_cpus); with
+        # parallel_models > 1 the overlap is mostly process and engine start-up.
+        engine, opts = _task_options(engine, cpus=os.cpu_count() or 1)
+        task = ray.remote(max_retries=0, max_calls=1, **opts)(score_model)  # one engine per process
+        jobs.append(((name, path, fp), partial(task.remote, path, docs, backends, engine.model_dump())))
+    for (name, path, fp), per_set in as_completed(jobs, cfg.parallel_models, desc="perplexity models",
+                                                  unit="model"):
+        atomic_write_json(out / f"{name}.json",
+                          {"fingerprint": fp, "model": name, "path": path, "per_set": per_set})
+        results[name] = per_set
+    return {name: results[name] for name in models}
 
 
 # ---------------------------------------------------------------- hosting

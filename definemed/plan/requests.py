@@ -2,7 +2,7 @@
 
 A stage makes one or more `Request`s: `min_units`..`max_units` copies of one placement group (a list of bundles;
 a plain actor or task is a group of one bundle). Requests of the same `phase` hold their resources at the same
-time; phases run one after another (e.g. eval scores one model at a time, then hosts every model at once).
+time; phases run one after another (e.g. eval needs one scoring engine at a time, then hosts every model at once).
 """
 from __future__ import annotations
 
@@ -183,7 +183,7 @@ def hosting_config(cfg):
 
 def eval_(cfg, resources: Mapping[str, float]) -> StageRequests:
     out = StageRequests("eval")
-    for name in cfg.mc_models():  # one Ray task per model, one after another
+    for name in cfg.mc_models():  # one Ray task per model; up to parallel_models run side by side where they fit
         ref = cfg.models[name]
         out.requests.append(Request("eval", f"mc {name}", "MC scoring task (one vLLM engine)",
                                     [_engine_task(ref.engine, resources)], phase=f"mc {name}"))
