@@ -16,9 +16,11 @@ def load_checkpoint_into_hf(ckpt_dir: str | os.PathLike, base_model: str, dtype:
     """A fresh HF model of the base architecture with the checkpoint's weights (cast to `dtype`)."""
     import torch.distributed.checkpoint as dcp
     from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers.initialization import no_init_weights
 
     config = AutoConfig.from_pretrained(base_model)
-    model = AutoModelForCausalLM.from_config(config, dtype=DTYPES[dtype])
+    with no_init_weights():  # every weight comes from the checkpoint (a random init of gemma-3-270m took 6 s)
+        model = AutoModelForCausalLM.from_config(config, dtype=DTYPES[dtype])
     reader = dcp.FileSystemReader(str(ckpt_dir))
     saved = set(reader.read_metadata().state_dict_metadata)
     sd = model.state_dict()
