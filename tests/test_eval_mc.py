@@ -86,9 +86,15 @@ def test_accuracy_table_reports_chance_and_the_report_warns_only_when_no_model_b
 def test_every_item_gets_exactly_one_valid_prediction(vllm_qwen2, items):
     # every MedQA item and every MMLU subject; zero-shot prompts fit the fixture's 256-token context
     subset = items[::3]
-    prompts = build_prompts(subset, MCPromptConfig(shots=0))
-    scorer = VllmScorer(vllm_qwen2)
-    preds = predict("base", subset, prompts, MCScoringConfig(), scorer=scorer)
+
+    def score(llm, subset):
+        prompts = build_prompts(subset, MCPromptConfig(shots=0))
+        loglik = predict("base", subset, prompts, MCScoringConfig(), scorer=VllmScorer(llm))
+        gen = predict("base", subset[:12], build_prompts(subset[:12], MCPromptConfig(), generate=True),
+                      MCScoringConfig(mode="generate", max_gen_tokens=4), llm=llm)
+        return loglik, gen
+
+    preds, gen = vllm_qwen2(score, subset)
     assert [p.item_id for p in preds] == [it.id for it in subset]
     assert all(p.prediction in it.letters for p, it in zip(preds, subset))
     assert all(len(p.logprobs) == len(it.letters) and all(np.isfinite(p.logprobs)) for p, it in zip(preds, subset))
@@ -98,8 +104,6 @@ def test_every_item_gets_exactly_one_valid_prediction(vllm_qwen2, items):
     assert set(overall) == {"mmlu_de", "medqa_de"}
     assert sum(r["n"] for r in overall.values()) == len(subset)
     # generate-and-parse mode: one record per item; a letter or None (counted as unparsed), nothing else
-    gen = predict("base", subset[:12], build_prompts(subset[:12], MCPromptConfig(), generate=True),
-                  MCScoringConfig(mode="generate", max_gen_tokens=4), llm=vllm_qwen2)
     assert len(gen) == 12 and all(p.prediction is None or p.prediction in "ABCDE" for p in gen)
 
 

