@@ -58,7 +58,11 @@ def main(address: str, config: str, out: str) -> None:
                         override_num_blocks=int(os.environ.get("PROBE_BATCHES", "24"))).materialize()
     n = ds.map_batches(SleepEngine, **{k: v for k, v in kwargs.items() if k != "zero_copy_batch"}).count()
     done_at = samples[-1][0] if samples else 0.0
-    time.sleep(8)  # Ray Data releases the pool's actors (and their placement groups) once the dataset is done
+    # Ray Data releases the pool's actors (and their placement groups) once the dataset is done: sample until
+    # no GPU has been held for 2 s, or 30 s have passed (then the test sees what stayed held)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and not (len(samples) > 8 and all(g == 0 for _, g in samples[-8:])):
+        time.sleep(0.25)
     stop.set()
     json.dump({"rows": n, "gpus_total": total, "done_at": done_at, "samples": samples,
                "min_size": compute.min_size, "max_size": compute.max_size,
