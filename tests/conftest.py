@@ -52,7 +52,9 @@ def vllm_qwen2(ray_local, tiny_qwen2):
     its process (make_llm sole_engine), about half the start of an engine in this one (34 -> 15 s)."""
     import ray
 
-    @ray.remote(num_cpus=1, max_restarts=0)
+    # num_cpus=0: it lives for the whole session and must not hold a logical CPU that later tests count on (a
+    # Serve swap needs room for one more replica next to the served ones)
+    @ray.remote(num_cpus=0, max_restarts=0)
     class Engine:
         def __init__(self, path: str):
             from definemed.engine import make_llm
