@@ -72,7 +72,6 @@ def shutdown_ray() -> None:
         ray.shutdown()
 
 
-
 def as_completed(jobs: list[tuple[Any, Callable[[], Any]]], limit: int, desc: str,
                  unit: str = "task") -> Iterator[tuple[Any, Any]]:
     """(key, result) for each (key, submit) job as its Ray task finishes, with a progress bar. `submit()` starts

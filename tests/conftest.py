@@ -45,6 +45,15 @@ def tiny_xlmr() -> str:
     return resolve_model("tiny://xlm-roberta")
 
 
+@pytest.fixture()
+def in_own_process(ray_local):
+    """`run(fn, *args)`: fn(*args) in a Ray task whose process holds nothing else and ends with it (max_calls=1),
+    for tests that build one vLLM engine with the in-process core (make_llm sole_engine), as eval's tasks do."""
+    import ray
+
+    return lambda fn, *args: ray.get(ray.remote(max_retries=0, max_calls=1, num_cpus=2)(fn).remote(*args))
+
+
 @pytest.fixture(scope="session")
 def vllm_qwen2(ray_local, tiny_qwen2):
     """One vLLM CPU engine on the tiny Qwen2 for all tests that only need *an* engine, as `run(fn, *args)`, which

@@ -108,10 +108,8 @@ def test_every_item_gets_exactly_one_valid_prediction(vllm_qwen2, items):
 
 
 @pytest.mark.integration
-def test_scorer_finds_planted_answer_and_follows_a_wrong_plant(ray_local, tmp_path_factory, tiny_qwen2, items):
-    import ray
-
-    # The vLLM half runs in a Ray task: a process that holds this one engine and ends with it.
+def test_scorer_finds_planted_answer_and_follows_a_wrong_plant(in_own_process, tmp_path_factory, tiny_qwen2,
+                                                              items):
     def planted_scores(path: str, items: list) -> dict:
         from definemed.engine import EngineConfig, make_llm
 
@@ -136,8 +134,7 @@ def test_scorer_finds_planted_answer_and_follows_a_wrong_plant(ray_local, tmp_pa
                 "truncated": scorer.truncated, "zero_correct": sum(p.correct for p in zero)}
 
     path = build_copy_model(tiny_qwen2, tmp_path_factory.mktemp("copy_model"))
-    task = ray.remote(max_retries=0, max_calls=1, num_cpus=2)(planted_scores)
-    res = ray.get(task.remote(path, items))
+    res = in_own_process(planted_scores, path, items)
     assert res["chosen"] == 8
     assert res["truncated"] == 0
     assert res["picked"] == res["planted"]

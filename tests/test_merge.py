@@ -272,10 +272,8 @@ def test_output_is_a_complete_reproducible_model(study_merge, tiny_qwen2, tmp_pa
 
 
 @pytest.mark.integration
-def test_merged_model_generates_in_vllm_cpu_engine(study_merge):
-    import ray
-
-    def generate(path: str) -> list[int]:  # a process that holds this one engine and ends with it
+def test_merged_model_generates_in_vllm_cpu_engine(study_merge, in_own_process):
+    def generate(path: str) -> list[int]:
         from vllm import SamplingParams
 
         from definemed.engine import make_llm
@@ -285,8 +283,7 @@ def test_merged_model_generates_in_vllm_cpu_engine(study_merge):
                         SamplingParams(max_tokens=8, min_tokens=8, temperature=0))
         return [len(o.outputs[0].token_ids) for o in outs]
 
-    task = ray.remote(max_retries=0, max_calls=1, num_cpus=2)(generate)
-    assert ray.get(task.remote(study_merge[1]["model"])) == [8, 8]
+    assert in_own_process(generate, study_merge[1]["model"]) == [8, 8]
 
 
 @pytest.mark.integration

@@ -63,8 +63,7 @@ def test_german_is_at_least_5x_less_perplexing_than_its_scrambled_words(hf_gemma
     assert chat.endswith("<start_of_turn>model\n")
 
 
-def test_pack_holdout_two_fsdp2_cpt_steps_export_and_reload_in_vllm(ray_local, real_gemma, tmp_path):
-    import ray
+def test_pack_holdout_two_fsdp2_cpt_steps_export_and_reload_in_vllm(in_own_process, real_gemma, tmp_path):
     from transformers import AutoTokenizer
 
     from definemed.data.sample import SAMPLE_WEB_DIR
@@ -93,8 +92,7 @@ def test_pack_holdout_two_fsdp2_cpt_steps_export_and_reload_in_vllm(ray_local, r
     docs = tokenize_docs(tok, [SENTENCE, _scrambled(SENTENCE)], 256)
     # The eval stage's perplexity task on the export: vLLM (bf16) and transformers (fp32) in one process that
     # holds nothing else, as the stage runs it.
-    task = ray.remote(max_retries=0, max_calls=1, num_cpus=2)(score_model)
-    nll = ray.get(task.remote(export, {"s": docs}, ["vllm", "transformers"], {"max_model_len": 256}))["s"]["nll"]
+    nll = in_own_process(score_model, export, {"s": docs}, ["vllm", "transformers"], {"max_model_len": 256})["s"]["nll"]
     nll_v, nll_t = nll["vllm"], nll["transformers"]
     ppl = math.exp(nll_v[0] / (len(docs[0]) - 1))
     assert ppl < 200, ppl  # two gentle steps keep the model a language model
