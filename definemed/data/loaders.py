@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any, Iterable, Iterator, Literal
 from pydantic import Field, PrivateAttr, ValidationError, field_validator, model_validator
 
 from definemed.config import ConfigError, InputPath, StrictModel
-from definemed.data.schemas import LETTERS, MCItem, PromptItem
+from definemed.data.schemas import LETTERS, InstructionItem, MCItem, PromptItem
 
 if TYPE_CHECKING:  # heavy imports stay lazy
     import pandas as pd
@@ -433,6 +433,29 @@ def load_prompts(path: str | Path, categories: list[str] | None = None) -> list[
     dup = sorted({i for i in ids if ids.count(i) > 1})
     if dup:
         raise SourceError(f"{path}: duplicate prompt ids {dup[:5]}")
+    return out
+
+
+def load_instruction_items(path: str | Path, splits: list[str] | None = None) -> list[InstructionItem]:
+    """Parallel instruction-following items from JSONL (id, category, split, de, en); every instruction is
+    validated against definemed.eval.instructions.TYPES. Duplicate ids are an error."""
+    files, fs = resolve_files(str(path), (".jsonl", ".json"))
+    out: list[InstructionItem] = []
+    for f in files:
+        rows, _ = _read_records(f, fs)
+        for i, row in enumerate(rows):
+            try:
+                item = InstructionItem.model_validate(row)
+            except ValidationError as e:
+                err = e.errors()[0]
+                where = ".".join(str(p) for p in err["loc"])
+                raise SourceError(f"{f}: row {i} (id {row.get('id')!r}): {where}: {err['msg']}") from None
+            if splits is None or item.split in splits:
+                out.append(item)
+    ids = [p.id for p in out]
+    dup = sorted({i for i in ids if ids.count(i) > 1})
+    if dup:
+        raise SourceError(f"{path}: duplicate item ids {dup[:5]}")
     return out
 
 

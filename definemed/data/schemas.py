@@ -80,7 +80,69 @@ class PromptItem(BaseModel):
         return v
 
 
+INSTRUCTION_LANGS: tuple[str, ...] = ("de", "en")
+SPLITS: tuple[str, ...] = ("dev", "test")
+
+
+class InstructedPrompt(BaseModel):
+    """One prompt in one language with its verifiable instructions ({"type": ..., **args}, 1 to 3)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    prompt: str
+    instructions: list[dict[str, Any]]
+
+    @field_validator("prompt")
+    @classmethod
+    def _non_empty(cls, v: str) -> str:
+        if not v.strip():
+            raise ValueError("must not be empty")
+        return v
+
+    @field_validator("instructions")
+    @classmethod
+    def _valid(cls, v: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        from definemed.eval.instructions import parse
+
+        if not 1 <= len(v) <= 3:
+            raise ValueError(f"1 to 3 instructions per prompt, got {len(v)}")
+        for ins in v:
+            parse(ins)  # InstructionError is a ValueError: pydantic reports it against the field
+        return v
+
+
+class InstructionItem(BaseModel):
+    """A parallel instruction-following item: the same request and the same instruction types in German and
+    English (arguments translated where they are words), and the split it belongs to."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    id: str
+    category: str
+    split: str
+    de: InstructedPrompt
+    en: InstructedPrompt
+
+    @field_validator("split")
+    @classmethod
+    def _split(cls, v: str) -> str:
+        if v not in SPLITS:
+            raise ValueError(f"split must be one of {SPLITS}, got {v!r}")
+        return v
+
+    @model_validator(mode="after")
+    def _parallel(self) -> "InstructionItem":
+        de = [i["type"] for i in self.de.instructions]
+        en = [i["type"] for i in self.en.instructions]
+        if de != en:
+            raise ValueError(f"de and en must carry the same instruction types in the same order: {de} vs {en}")
+        return self
+
+    def in_lang(self, lang: str) -> InstructedPrompt:
+        return getattr(self, lang)
+
+
 __all__ = [
     "FINEWEB2_COLUMNS", "SAMPLE_EXTRA_COLUMNS", "SAMPLE_WEB_COLUMNS", "GOLD_LABELS", "MALFORMED_KINDS",
-    "LETTERS", "MCItem", "PromptItem",
+    "LETTERS", "MCItem", "PromptItem", "InstructedPrompt", "InstructionItem", "INSTRUCTION_LANGS", "SPLITS",
 ]

@@ -23,6 +23,8 @@ SAMPLE_MMLU = SRC_DIR / "mmlu_de.jsonl"
 SAMPLE_MEDQA = SRC_DIR / "medqa_de.jsonl"
 #: Clinical instruction prompts for pairwise judging (id, category, prompt).
 SAMPLE_PROMPTS = SRC_DIR / "clinical_prompts.jsonl"
+#: Parallel German / English clinical prompts with verifiable instructions (instruction following, IFEval-style).
+SAMPLE_INSTRUCTIONS = SRC_DIR / "instruction_prompts.jsonl"
 
 MMLU_SUBJECTS = ("anatomy", "clinical_knowledge", "college_medicine", "medical_genetics",
                  "professional_medicine", "college_biology")
