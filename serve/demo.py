@@ -51,6 +51,13 @@ def run(cfg: ServeDemoConfig) -> dict[str, str]:
         latency = time.monotonic() - t1
         info = ep.info()
     answer = resp.choices[0].message.content or ""
+    from definemed.models import is_meaningless_model
+
+    note = ("The demo serves tiny randomly initialised models: the answer text is noise. The stage proves the "
+            "serving path (Ray Serve LLM + vLLM, API key, chat template, official openai client), not answer "
+            "quality." if is_meaningless_model(cfg.model) else
+            "One greedy answer through the serving path (Ray Serve LLM + vLLM, API key, chat template, official "
+            "openai client); the eval stage measures quality.")
     endpoint = {**info, "served_models": served, "auth": "Authorization: Bearer <key>",
                 "key_source": (f"${cfg.api_key_env}" if cfg.api_key_env and os.environ.get(cfg.api_key_env)
                                else "one-off random key for this run"),
@@ -59,9 +66,7 @@ def run(cfg: ServeDemoConfig) -> dict[str, str]:
         "model_id": cfg.model_id, "model": cfg.model, "question": cfg.question, "answer": answer,
         "finish_reason": resp.choices[0].finish_reason, "latency_s": round(latency, 3),
         "usage": resp.usage.model_dump() if resp.usage else None,
-        "note": ("The demo serves tiny randomly initialised models: the answer text is noise. The stage proves "
-                 "the serving path (Ray Serve LLM + vLLM, API key, chat template, official openai client), "
-                 "not answer quality."),
+        "note": note,
     }
     answer_path = atomic_write_json(out / "answer.json", result)
     endpoint_path = atomic_write_json(out / "endpoint.json", endpoint)

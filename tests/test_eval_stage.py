@@ -1,14 +1,17 @@
 """The `eval` stage end to end through a real endpoint: our serve app (Ray Serve LLM + vLLM CPU) hosts two tiny
-candidates and the judge, the official `openai` client talks to it; then a resumed run asks for nothing again."""
+candidates and the judge, the official `openai` client talks to it; held-out perplexity (vLLM and transformers)
+and the merge frontier, whose point answers the instruction sets through a local engine; then a resumed run asks
+for nothing again. One serve app for all of it: every launch costs about a minute on 2 cores."""
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
 
 from definemed.config import ConfigError, parse_config
-from definemed.data.sample import SAMPLE_MEDQA, SAMPLE_MMLU, SAMPLE_PROMPTS
+from definemed.data.sample import SAMPLE_INSTRUCTIONS, SAMPLE_MEDQA, SAMPLE_MMLU, SAMPLE_PROMPTS, SAMPLE_WEB_DIR
 from definemed.eval.config import EvalConfig
 from definemed.stages import DONE_MARKER, STAGES, run_stage
 
@@ -29,11 +32,26 @@ def _cfg(out: Path) -> dict:
         "pairwise": {"prompts": str(SAMPLE_PROMPTS), "limit": 3, "pairs": [["other", "base"]],
                      "generation": {"max_tokens": 24, "concurrency": 4},
                      "judge": {"max_tokens": 160, "concurrency": 4}},
+        "instructions": {"prompts": str(SAMPLE_INSTRUCTIONS), "limit": 3, "splits": ["dev"],
+                         "generation": {"max_tokens": 16, "concurrency": 4}},
+        "perplexity": {"sets": {
+            "medical": {"path": str(SAMPLE_WEB_DIR), "where": {"gold_label": "medical"}, "limit": 4},
+            "general": {"path": str(SAMPLE_WEB_DIR), "where": {"gold_label": "non_medical"}, "limit": 4}},
+            "max_tokens": 64},
+        "frontier": {"model_a": "base", "model_b": "other", "t": [0, 0.5, 1]},
         "report": {"n_boot": 200},
     }
 
 
 def test_config_errors_name_the_field(tmp_path):
+    bad = _cfg(tmp_path)
+    bad["instructions"]["models"] = ["nobody"]
+    with pytest.raises(ConfigError, match="instructions.models: unknown model 'nobody'"):
+        parse_config(EvalConfig, bad)
+    bad = _cfg(tmp_path)
+    bad["instructions"]["generation"]["system_prompt"] = "Sei nett."
+    with pytest.raises(ConfigError, match="instructions.generation.system_prompt"):
+        parse_config(EvalConfig, bad)
     bad = _cfg(tmp_path)
     bad["pairwise"]["pairs"] = [["other", "nobody"]]
     with pytest.raises(ConfigError, match="pairwise.pairs: unknown model 'nobody'"):
@@ -55,10 +73,25 @@ def test_eval_stage_through_serve_app_and_resume(ray_local, tmp_path):
     outputs = run_stage(STAGES["eval"], cfg)
     res = json.loads(Path(outputs["results"]).read_text())
 
-    # MC: one valid prediction per item for both models, a table with CIs
+    # MC: one valid prediction per item for both models and the frontier's point, a table with CIs
     overall = [r for r in res["mc"]["table"] if r["subject"] == "overall"]
     assert {(r["benchmark"], r["model"], r["n"]) for r in overall} == {
-        ("mmlu_de", "base", 12), ("mmlu_de", "other", 12), ("medqa_de", "base", 6), ("medqa_de", "other", 6)}
+        (b, m, n) for b, n in (("mmlu_de", 12), ("medqa_de", 6)) for m in ("base", "other", "slerp-t0.5")}
+    # perplexity: both backends agree (bf16 vLLM vs fp32 transformers); the frontier: parents and the point,
+    # every one with the instruction columns (the point answered through a local engine)
+    rows = res["perplexity"]["table"]
+    assert {(r["model"], r["set"], r["backend"]) for r in rows} >= {
+        (m, s, b) for m in ("base", "other") for s in ("medical", "general") for b in ("vllm", "transformers")}
+    assert all(r["agree"] for r in rows if r["model"] in ("base", "other")), rows
+    fr = res["frontier"]["rows"]
+    assert [(r["model"], r["t"]) for r in fr] == [("base", 0), ("slerp-t0.5", 0.5), ("other", 1)]
+    for r in fr:
+        assert r["ppl_medical"] > 0 and 0 <= r["mc_accuracy"] <= 1
+        assert 0 <= r["if_en"] <= 1 and 0 <= r["if_de_gated"] <= 1
+        assert math.isnan(r["lpr_de"]) or 0 <= r["lpr_de"] <= 1  # nan: no answer had a line of 5 words
+    points = [r for r in res["instructions"]["rows"] if r["point"]]
+    assert {(r["model"], r["set"]) for r in points} == {("slerp-t0.5", "de"), ("slerp-t0.5", "en")}
+    assert not (out / "frontier" / "slerp-t0.5").exists()  # merged weights dropped once scored
     # pairwise: 3 prompts x 2 orders judged; every pair is a win, tie, loss or unparsed
     pw = res["pairwise"]
     assert pw["judgments"] == 6
@@ -69,14 +102,27 @@ def test_eval_stage_through_serve_app_and_resume(ray_local, tmp_path):
     assert 0.0 <= comp["win_rate"]["value"] <= 1.0
     answers = json.loads((out / "answers.json").read_text())["answers"]
     assert set(answers) == {"base", "other"} and all(len(a) == 3 for a in answers.values())
-    # failure modes: the study-shaped row per model
-    fm = {r["model"]: r for r in res["failure_modes"]}
-    assert set(fm) == {"base", "other"} and all(r["answers"] == 3 for r in fm.values())
+    # failure modes: the study-shaped row per model, on the clinical answers and on the German instruction set
+    fm = {(r["set"], r["model"]): r for r in res["failure_modes"]}
+    assert set(fm) == {(s, m) for s in ("clinical", "instructions-de") for m in ("base", "other")}
+    assert all(r["answers"] == 3 for r in fm.values()) and all("lpr" in r for r in fm.values())
+    # instruction following: every model x set, the four accuracies, the German gate, LPR and lengths
+    ins = {(r["model"], r["set"]): r for r in res["instructions"]["rows"] if not r["point"]}
+    assert set(ins) == {(m, s) for m in ("base", "other") for s in ("de", "en")}
+    for (m, s), r in ins.items():
+        assert r["n"] == 3 and len(r["prompts"]) == 3 and r["tokens"]["value"] <= 16
+        for k in ("prompt_strict", "prompt_loose", "instruction_strict", "instruction_loose"):
+            assert 0 <= r[k]["value"] <= 1
+        assert ("gated" in r) == (s == "de") or r["lang"] == "en"
+        assert r["prompt_strict"]["value"] <= r["prompt_loose"]["value"]
+    assert {"base", "other", "slerp-t0.5"} == set(json.loads((out / "instruction_answers.json").read_text())["answers"])
     # report: tiny models -> says the numbers carry no meaning; plots and lineage beside it
     md = Path(outputs["report_md"]).read_text()
     assert "carry no meaning" in md and "## Multiple choice" in md and "## Pairwise win-rate" in md
-    assert "## Failure modes" in md and "lineage.json" in md
-    for k in ("plot_mc", "plot_win_rate", "plot_verbosity"):
+    assert "## Failure modes" in md and "## Instruction following" in md and "lineage.json" in md
+    assert "## Merge frontier" in md and "IF de, language-gated %" in md
+    for k in ("plot_mc", "plot_win_rate", "plot_verbosity", "plot_instructions", "plot_frontier",
+              "plot_frontier_if", "plot_perplexity"):
         assert Path(outputs[k]).stat().st_size > 1000
     assert (out / "lineage.json").exists() and (out / DONE_MARKER).exists()
     assert "<table>" in Path(outputs["report_html"]).read_text()
@@ -85,8 +131,10 @@ def test_eval_stage_through_serve_app_and_resume(ray_local, tmp_path):
     # is started: every request is cached) and recomputes the same report
     judged = (out / "cache" / "judgments.jsonl").read_text()
     generated = (out / "cache" / "answers.jsonl").read_text()
+    instructed = (out / "cache" / "instructions.jsonl").read_text()
     (out / DONE_MARKER).unlink()
     again = STAGES["eval"].run_fn()(cfg)
     assert (out / "cache" / "judgments.jsonl").read_text() == judged
     assert (out / "cache" / "answers.jsonl").read_text() == generated
+    assert (out / "cache" / "instructions.jsonl").read_text() == instructed
     assert json.loads(Path(again["results"]).read_text())["pairwise"]["comparisons"][0]["n"] == comp["n"]

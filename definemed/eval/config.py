@@ -17,6 +17,7 @@ from definemed.eval.client import EndpointConfig
 from definemed.eval.generate import GenerationConfig
 from definemed.eval.judge import JudgeConfig
 from definemed.eval.frontier import FrontierConfig
+from definemed.eval.instructions import InstructionsConfig
 from definemed.eval.mc import MCPromptConfig, MCScoringConfig
 from definemed.eval.perplexity import PerplexityConfig
 from definemed.models.registry import ModelRef
@@ -95,6 +96,7 @@ class EvalConfig(StageConfig):
     pairwise: PairwiseConfig | None = None
     perplexity: PerplexityConfig | None = None
     frontier: FrontierConfig | None = None
+    instructions: InstructionsConfig | None = None
     failure_modes: FailureModesConfig | None = FailureModesConfig()
     hosting: HostingConfig = HostingConfig()
     report: ReportConfig = ReportConfig()
@@ -109,8 +111,12 @@ class EvalConfig(StageConfig):
         for name in self.models:
             if not re.match(_NAME, name) or name == "judge":
                 raise ValueError(f"model name {name!r}: use letters, digits, '.', '_', '-' (and not 'judge')")
-        if self.mc is None and self.pairwise is None and self.perplexity is None:
-            raise ValueError("mc, pairwise, perplexity: nothing to evaluate, configure at least one")
+        if self.mc is None and self.pairwise is None and self.perplexity is None and self.instructions is None:
+            raise ValueError("mc, pairwise, perplexity, instructions: nothing to evaluate, configure at least one")
+        if self.instructions is not None:
+            for m in self.instructions.models or []:
+                if m not in self.models:
+                    raise ValueError(f"instructions.models: unknown model {m!r} (known: {', '.join(self.models)})")
         self._check_perplexity()
         self._check_chat_templates()
         if self.mc is not None:
@@ -159,6 +165,8 @@ class EvalConfig(StageConfig):
         if self.mc is not None and self.mc.prompt.chat_template:
             for m in self.mc_models():
                 chat.setdefault(m, f"models.{m}")
+        for m in self.instruction_models():
+            chat.setdefault(m, f"models.{m}")
         for name, field in chat.items():
             ref = self.judge if name == "judge" else self.models[name]
             if ref is not None and ref.endpoint is None and ref.path and has_chat_template(ref.path) is False:
@@ -169,6 +177,11 @@ class EvalConfig(StageConfig):
         if self.perplexity is None:
             return []
         return self.perplexity.models or [n for n, r in self.models.items() if r.path]
+
+    def instruction_models(self) -> list[str]:
+        if self.instructions is None:
+            return []
+        return self.instructions.models or list(self.models)
 
     def mc_models(self) -> list[str]:
         if self.mc is None:
@@ -187,6 +200,8 @@ class EvalConfig(StageConfig):
                 out[f"mc.{s.benchmark or i}"] = s.path
         if self.pairwise is not None:
             out["prompts"] = self.pairwise.prompts
+        if self.instructions is not None:
+            out["instruction_prompts"] = self.instructions.prompts
         if self.perplexity is not None:
             for name, st in self.perplexity.sets.items():
                 out[f"perplexity.{name}"] = st.path

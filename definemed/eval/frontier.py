@@ -31,6 +31,8 @@ class FrontierConfig(StrictModel):
         description="perplexity backends for the merged points (the parents use the perplexity section's); the "
                     "first also scores their MC items")
     mc: bool = Field(True, description="also score the merged points on the MC benchmarks")
+    instructions: bool = Field(True, description="also ask the merged points the instruction sets (when the eval "
+                                                 "has an `instructions` section), through a local engine each")
     dtype: Literal["float32", "bfloat16", "float16"] | None = None  # merged weights; None = model_a's dtype
     keep_models: bool = Field(False, description="keep the merged weights after scoring (they are large)")
 
@@ -62,9 +64,15 @@ def build_points(cfg: FrontierConfig, paths: dict[str, str], out: Path) -> dict[
     return points
 
 
-def frontier_rows(cfg: FrontierConfig, ppl_rows: list[dict], mc_preds: list[dict] | None) -> list[dict]:
-    """One row per plotted point: its t (None for marked models), perplexity per set and MC accuracy over all
-    MC items pooled.
+#: Instruction-following columns of a frontier row: (row key, instruction set language, metric of score_set).
+INSTRUCTION_COLUMNS = (("if_en", "en", "prompt_strict"), ("if_de_gated", "de", "gated"), ("lpr_de", "de", "lpr"))
+
+
+def frontier_rows(cfg: FrontierConfig, ppl_rows: list[dict], mc_preds: list[dict] | None,
+                  instr_rows: list[dict] | None = None) -> list[dict]:
+    """One row per plotted point: its t (None for marked models), perplexity per set, MC accuracy over all MC
+    items pooled, and, where asked, instruction following: English prompt-level strict accuracy (what the instruct
+    parent can do), German language-gated accuracy, and German LPR.
 
     Perplexity is the transformers backend's when present (every point has it), else the first backend's."""
     ppl: dict[tuple[str, str], dict] = {}
@@ -79,12 +87,21 @@ def frontier_rows(cfg: FrontierConfig, ppl_rows: list[dict], mc_preds: list[dict
     sets = sorted({s for _, s in ppl})
     rows = []
 
+    instr: dict[tuple[str, str], dict] = {}
+    for r in instr_rows or []:
+        instr.setdefault((r["model"], r["lang"]), r)  # the first set of each language
+
+    def metric(model: str, lang: str, key: str) -> float:
+        d = (instr.get((model, lang)) or {}).get(key)
+        return d["value"] if d else math.nan
+
     def row(model: str, t: float | None, kind: str) -> dict:
         return {"model": model, "t": t, "kind": kind,
                 **{f"ppl_{s}": ppl[(model, s)]["value"] if (model, s) in ppl else math.nan for s in sets},
                 **{f"ppl_{s}_lo": ppl[(model, s)]["lo"] if (model, s) in ppl else math.nan for s in sets},
                 **{f"ppl_{s}_hi": ppl[(model, s)]["hi"] if (model, s) in ppl else math.nan for s in sets},
-                "mc_accuracy": acc.get(model, math.nan)}
+                "mc_accuracy": acc.get(model, math.nan),
+                **{col: metric(model, lang, key) for col, lang, key in INSTRUCTION_COLUMNS}}
 
     for t in cfg.t:
         model = cfg.model_a if t == 0.0 else cfg.model_b if t == 1.0 else point_name(t)
@@ -94,17 +111,8 @@ def frontier_rows(cfg: FrontierConfig, ppl_rows: list[dict], mc_preds: list[dict
     return rows
 
 
-def plot_frontier(rows: list[dict], path: Path, x_set: str = "general", y_set: str = "medical",
-                  title: str = "Merge frontier") -> Path:
-    """Medical against general perplexity (lower is better on both): the uniform-t curve, parents and marked
-    models labelled."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    xk, yk = f"ppl_{x_set}", f"ppl_{y_set}"
-    fig, ax = plt.subplots(figsize=(6.5, 5))
+def _draw(ax, rows: list[dict], xk: str, yk: str, x_label: str, y_label: str) -> None:
+    """One panel: the uniform-t curve, parents and marked models labelled."""
     uni = [r for r in rows if r["kind"] == "uniform" and not math.isnan(r[xk])]
     ax.plot([r[xk] for r in uni], [r[yk] for r in uni], "-o", color="tab:blue", label="SLERP, uniform t")
     ends = [r for r in uni if r["t"] in (0.0, 1.0)]
@@ -117,10 +125,27 @@ def plot_frontier(rows: list[dict], path: Path, x_set: str = "general", y_set: s
         if r["kind"] == "marked" and not math.isnan(r[xk]):
             # no CI bars: the points are scored on the same documents, and unpaired CIs would hide the trade
             ax.plot(r[xk], r[yk], "*", ms=14, label=r["model"])
-    ax.set_xlabel(f"{x_set} German perplexity (lower is better)")
-    ax.set_ylabel(f"held-out {y_set} perplexity (lower is better)")
-    ax.set_title(title)
+    ax.set_xlabel(x_label)
+    ax.set_ylabel(y_label)
     ax.legend(fontsize=8)
+
+
+def plot_frontier(rows: list[dict], path: Path, x_set: str = "general", y_set: str = "medical",
+                  title: str = "Merge frontier",
+                  panels: list[tuple[str, str]] | None = None) -> Path:
+    """Medical perplexity (lower is better) against general perplexity, or, with `panels` ([(row column, axis
+    label)]), against each of those columns side by side (e.g. instruction following, higher is better)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    yk = f"ppl_{y_set}"
+    panels = panels or [(f"ppl_{x_set}", f"{x_set} German perplexity (lower is better)")]
+    fig, axes = plt.subplots(1, len(panels), figsize=(6.5 * len(panels), 5), squeeze=False)
+    for ax, (xk, label) in zip(axes[0], panels):
+        _draw(ax, rows, xk, yk, label, f"held-out {y_set} perplexity (lower is better)")
+    fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -32,7 +32,7 @@ class GenerationConfig(StrictModel):
     extra_body: dict[str, Any] = Field(default_factory=dict, description="server-specific request fields")
 
 
-def _messages(cfg: GenerationConfig, prompt: str) -> list[dict[str, str]]:
+def messages(cfg: GenerationConfig, prompt: str) -> list[dict[str, str]]:
     msgs = [{"role": "system", "content": cfg.system_prompt}] if cfg.system_prompt else []
     return msgs + [{"role": "user", "content": prompt}]
 
@@ -46,6 +46,30 @@ def _params(cfg: GenerationConfig) -> dict:
     return p
 
 
+def chat_offline(path: str, engine: dict, conversations: list[list[dict[str, str]]],
+                 cfg: GenerationConfig) -> list[dict[str, Any]]:
+    """Answers from a local vLLM engine's chat (the model's own template, as the serve app's chat route applies
+    it), one record per conversation. Runs where Ray puts it, in a process that holds nothing else (a Ray task
+    with max_calls=1): build the engine, answer, free it. For models that are not served, such as the merge
+    frontier's points."""
+    import gc
+
+    from vllm import SamplingParams
+
+    from definemed.engine import EngineConfig, make_llm
+
+    llm = make_llm(path, EngineConfig(**engine), sole_engine=True)
+    try:
+        sp = SamplingParams(max_tokens=cfg.max_tokens, temperature=cfg.temperature, seed=cfg.seed)
+        outs = llm.chat(conversations, sp, use_tqdm=False)
+        return [{"answer": o.outputs[0].text, "finish_reason": o.outputs[0].finish_reason,
+                 "usage": {"prompt_tokens": len(o.prompt_token_ids or []),
+                           "completion_tokens": len(o.outputs[0].token_ids)}} for o in outs]
+    finally:
+        del llm
+        gc.collect()
+
+
 def generate_answers(name: str, endpoint: Endpoint, prompts: Sequence[PromptItem], cache_path: str | Path,
                      cfg: GenerationConfig | None = None) -> dict[str, dict]:
     """{prompt_id: record with "answer"} for one model; raises RequestFailed after finishing all others if some
@@ -55,7 +79,7 @@ def generate_answers(name: str, endpoint: Endpoint, prompts: Sequence[PromptItem
     params = _params(cfg)
 
     def key_of(p: PromptItem) -> str:
-        return stable_key("generate", name, endpoint.model, _messages(cfg, p.prompt), params)
+        return stable_key("generate", name, endpoint.model, messages(cfg, p.prompt), params)
 
     todo = [p for p in prompts if key_of(p) not in cache]
     if len(todo) < len(prompts):
@@ -64,7 +88,7 @@ def generate_answers(name: str, endpoint: Endpoint, prompts: Sequence[PromptItem
     client = endpoint.client() if todo else None
 
     def one(p: PromptItem) -> None:
-        out = chat(client, endpoint.model, _messages(cfg, p.prompt), retry=cfg.retry, **params)
+        out = chat(client, endpoint.model, messages(cfg, p.prompt), retry=cfg.retry, **params)
         cache.put({"key": key_of(p), "model": name, "endpoint_model": endpoint.model, "prompt_id": p.id,
                    "answer": out["text"], "finish_reason": out["finish_reason"], "usage": out["usage"]})
 

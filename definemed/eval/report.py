@@ -132,6 +132,33 @@ def plot_perplexity(rows: list[dict], path: Path) -> Path:
                    "Held-out perplexity (lower is better)", 8)
 
 
+def plot_instructions(rows: list[dict], path: Path) -> Path:
+    """Per model: prompt-level strict accuracy on each set, the language-gated score and LPR on the non-English
+    sets, with CIs."""
+    plt = _plt()
+    rows = [r for r in rows if not r.get("point")]
+    models = list(dict.fromkeys(r["model"] for r in rows))
+    bars = []  # (label, {model: estimate})
+    for set_name in dict.fromkeys(r["set"] for r in rows):
+        by = {r["model"]: r for r in rows if r["set"] == set_name}
+        bars.append((f"{set_name}: prompt-level strict", {m: by[m]["prompt_strict"] for m in by}))
+        if any(by[m].get("gated") and by[m]["lang"] != "en" for m in by):
+            bars.append((f"{set_name}: language-gated", {m: by[m]["gated"] for m in by}))
+            bars.append((f"{set_name}: LPR", {m: by[m]["lpr"] for m in by}))
+    width = 0.8 / max(1, len(bars))
+    fig, ax = plt.subplots(figsize=(max(6.5, 1.6 * len(models) + 3), 4))
+    for i, (label, est) in enumerate(bars):
+        xs = [m + (i - (len(bars) - 1) / 2) * width for m in range(len(models))]
+        e = [est.get(m) or {"value": 0, "lo": 0, "hi": 0} for m in models]
+        ys = [0 if math.isnan(x["value"]) else x["value"] for x in e]
+        err = [[0 if math.isnan(x["lo"]) else max(0.0, y - x["lo"]) for x, y in zip(e, ys)],
+               [0 if math.isnan(x["hi"]) else max(0.0, x["hi"] - y) for x, y in zip(e, ys)]]
+        ax.bar(xs, ys, width, yerr=err, capsize=2, label=label)
+    ax.set_xticks(range(len(models)), models, fontsize=8)
+    ax.set_ylim(0, 1.05)
+    return _finish(plt, fig, ax, path, "share (95% bootstrap CI)", "Instruction following and language", 7)
+
+
 # ---------------------------------------------------------------- markdown
 def _md_models(cfg) -> list[str]:
     rows = []
@@ -207,16 +234,23 @@ def _md_failure_modes(fm: list[dict], plots: dict[str, str]) -> list[str]:
     for r in fm:
         tok = "n/a" if r["tokens_mean"] is None else f"{r['tokens_mean']:.0f}"
         flag = lambda k: "n/a" if r[k] is None else r[k]  # noqa: E731
-        rows.append([r["model"], r["answers"], f"{r['language_mixing']}/{r['answers']}",
+        rows.append([r.get("set", "clinical"), r["model"], r["answers"], f"{r['language_mixing']}/{r['answers']}",
+                     _ci(r.get("lpr") or {}), _ci(r.get("word_confusion") or {}),
                      f"{r['words_mean']:.0f} / {r['words_median']:.0f}", tok, r["typos"],
                      r["answers_with_typos"], flag("hallucination"), flag("overconfidence"), flag("contradiction")])
     md = ["## Failure modes", "",
-          "Per model, on the same prompts. Language mixing: answers with at least one non-German sentence "
-          "(sentence-level offline language ID, lingua). Typos: German hunspell (de_DE, compound-aware) "
-          "outside foreign sentences, with a medical-term allowlist. Hallucination / overconfidence / "
-          "contradiction: answers the judge labelled so in more than half of its judgments of them.", "",
-          _table(["model", "answers", "language mixing", "words mean / median", "tokens mean", "typos",
-                  "answers with typos", "hallucination", "overconfidence", "contradiction"], rows), ""]
+          "Per model, on the same German prompts (`clinical`: the clinical prompts of the pairwise comparison; "
+          "`instructions-…`: the German instruction set). Language mixing, three ways: the study's count of "
+          "answers with at least one non-German sentence (sentence-level offline language ID, lingua; it sees a "
+          "switch inside a one-paragraph answer), and the Language Confusion Benchmark's rates: LPR, the share "
+          "of answers whose every line of 5+ words is German (answers without such a line are skipped), and "
+          "word confusion, the share of words in German lines that lingua places in another language; both in % "
+          "with 95% bootstrap CIs. Typos: German hunspell (de_DE, compound-aware) outside foreign sentences, "
+          "with a medical-term allowlist. Hallucination / overconfidence / contradiction: answers the judge "
+          "labelled so in more than half of its judgments of them (n/a without a judge).", "",
+          _table(["set", "model", "answers", "language mixing (sentences)", "LPR %", "word confusion %",
+                  "words mean / median", "tokens mean", "typos", "answers with typos", "hallucination",
+                  "overconfidence", "contradiction"], rows), ""]
     if "verbosity" in plots:
         md += [f"![verbosity]({plots['verbosity']})", ""]
     ex = [(r["model"], k, v) for r in fm for k, vs in r["examples"].items() for v in vs[:3]]
@@ -249,24 +283,70 @@ def _md_perplexity(ppl: dict, plots: dict[str, str]) -> list[str]:
 
 
 def _md_frontier(fr: dict, plots: dict[str, str]) -> list[str]:
+    from definemed.eval.frontier import INSTRUCTION_COLUMNS
+
     rows = [r for r in fr["rows"]]
     sets = sorted({k[4:] for r in rows for k in r if k.startswith("ppl_") and not k.endswith(("_lo", "_hi"))})
+    icols = [c for c, _, _ in INSTRUCTION_COLUMNS if any(not math.isnan(r.get(c, math.nan)) for r in rows)]
+    mc = any(not math.isnan(r["mc_accuracy"]) for r in rows)
+    names = {"if_en": "IF en, prompt strict %", "if_de_gated": "IF de, language-gated %", "lpr_de": "LPR de %"}
     trows = [[r["model"], "" if r["t"] is None else f"{r['t']:g}", *[_num(r[f"ppl_{s}"]) for s in sets],
-              _pct(r["mc_accuracy"])] for r in rows]
+              *([_pct(r["mc_accuracy"])] if mc else []), *[_pct(r[c]) for c in icols]] for r in rows]
     md = ["## Merge frontier", "",
           f"SLERP from `{fr['model_a']}` (t = 0) to `{fr['model_b']}` (t = 1) with one t for every tensor, each "
-          "point scored on the perplexity sets and the MC items (accuracy pooled over all items, in %). Marked "
-          "models (e.g. the study's layer-wise schedule) sit off the uniform curve when the schedule buys a "
-          "better trade.", "",
-          _table(["model", "t", *[f"{s} perplexity" for s in sets], "MC accuracy %"], trows), ""]
-    if "frontier" in plots:
-        md += [f"![merge frontier]({plots['frontier']})", ""]
+          "point scored on the perplexity sets" + (" and the MC items (accuracy pooled over all items, in %)" if mc
+                                                   else "")
+          + (", and asked the instruction sets (prompt-level strict accuracy on English, the language-gated "
+             "score and LPR on German)" if icols else "")
+          + ". Marked models (e.g. the study's layer-wise schedule) sit off the uniform curve when the schedule "
+          "buys a better trade.", "",
+          _table(["model", "t", *[f"{s} perplexity" for s in sets], *(["MC accuracy %"] if mc else []),
+                  *[names[c] for c in icols]], trows), ""]
+    for key, alt in (("frontier", "merge frontier"), ("frontier_if", "merge frontier: instruction following")):
+        if key in plots:
+            md += [f"![{alt}]({plots[key]})", ""]
+    return md
+
+
+def _md_instructions(ins: dict, plots: dict[str, str]) -> list[str]:
+    rows = []
+    for r in ins["rows"]:
+        tok = "n/a" if not r.get("tokens") else f"{r['tokens']['value']:.0f}"
+        rows.append([r["model"] + (" (frontier point)" if r.get("point") else ""), r["set"], r["n"],
+                     _ci(r["prompt_strict"]), _ci(r["prompt_loose"]), _ci(r["instruction_strict"]),
+                     _ci(r["instruction_loose"]), _ci(r["gated"]) if r["lang"] != "en" else "",
+                     _ci(r["lpr"]) + (f" ({r['language_skipped']} skipped)" if r["language_skipped"] else ""),
+                     _ci(r["word_confusion"]), tok, f"{r['words']['value']:.0f}", r["truncated"]])
+    gen = ins["generation"]
+    systems = "; ".join(f"`{n}`: " + (f"\"{st['system_prompt']}\"" if st["system_prompt"] else
+                                      "none (the model's template default)") for n, st in ins["sets"].items())
+    md = ["## Instruction following", "",
+          "IFEval-style verifiable instructions (definemed.eval.instructions), 1-3 per prompt, on parallel German "
+          "and English clinical prompts; answers through each model's OpenAI chat route with its own chat "
+          f"template, greedy, at most {gen['max_tokens']} tokens (frontier points: a local vLLM engine's chat, the "
+          f"same template). System prompts: {systems}. Prompt-level: all instructions of a prompt pass; "
+          "instruction-level: the share of instructions that pass; strict: the answer as given; loose: IFEval's "
+          "variants (first/last line or `*` removed). Language-gated (German): a prompt counts only if its "
+          "instructions pass strictly **and** every line of 5+ words is German. LPR and word confusion: the "
+          "Language Confusion Benchmark's line pass rate and word-level confusion in the set's language. All in "
+          "% with 95% bootstrap CIs over prompts. Truncated: answers cut at max_tokens.", "",
+          _table(["model", "set", "n", "prompt strict %", "prompt loose %", "instruction strict %",
+                  "instruction loose %", "language-gated %", "LPR %", "word confusion %", "tokens mean",
+                  "words mean", "truncated"], rows), ""]
+    if "instructions" in plots:
+        md += [f"![instruction following]({plots['instructions']})", ""]
+    types = sorted({t for r in ins["rows"] for t in r["per_type"]})
+    trows = [[r["model"], r["set"], *[(f"{r['per_type'][t]['passed']}/{r['per_type'][t]['n']}"
+                                       if t in r["per_type"] else "") for t in types]]
+             for r in ins["rows"] if not r.get("point")]
+    md += ["<details><summary>Strict passes per instruction type</summary>", "",
+           _table(["model", "set", *types], trows), "", "</details>", ""]
     return md
 
 
 _LINEAGE = ["## Lineage", "", "Resolved config, package versions, git revision and input hashes: "
             "[`lineage.json`](lineage.json). Raw results: [`results.json`](results.json); answers: "
-            "`answers.json`; cached requests: `cache/`; MC predictions: `mc/`; per-document NLLs: `perplexity/`.", ""]
+            "`answers.json`, `instruction_answers.json`; cached requests: `cache/`; MC predictions: `mc/`; per-document NLLs: `perplexity/`.", ""]
 
 
 def render_markdown(cfg, results: dict, plots: dict[str, str]) -> str:
@@ -278,6 +358,8 @@ def render_markdown(cfg, results: dict, plots: dict[str, str]) -> str:
         md += _md_perplexity(results["perplexity"], plots)
     if results.get("frontier"):
         md += _md_frontier(results["frontier"], plots)
+    if results.get("instructions"):
+        md += _md_instructions(results["instructions"], plots)
     if results.get("mc"):
         md += _md_mc(results["mc"], plots)
     if results.get("pairwise"):
@@ -322,6 +404,16 @@ def write_report(cfg, results: dict, out: Path) -> dict[str, str]:
             x_set, y_set = ("general", "medical") if {"general", "medical"} <= set(sets) else (sets[-1], sets[0])
             plots["frontier"] = plot_frontier(results["frontier"]["rows"], pdir / "frontier.png", x_set, y_set,
                                               title=cfg.report.title + ": merge frontier").relative_to(out).as_posix()
+            if any(not math.isnan(r.get("if_de_gated", math.nan)) for r in results["frontier"]["rows"]):
+                plots["frontier_if"] = plot_frontier(
+                    results["frontier"]["rows"], pdir / "frontier_instructions.png", y_set=y_set,
+                    title=cfg.report.title + ": medical knowledge vs instruction following",
+                    panels=[("if_de_gated", "German instructions, language-gated prompt-level (higher is better)"),
+                            ("if_en", "English instructions, prompt-level strict (higher is better)")],
+                ).relative_to(out).as_posix()
+        if results.get("instructions"):
+            plots["instructions"] = plot_instructions(results["instructions"]["rows"],
+                                                      pdir / "instructions.png").relative_to(out).as_posix()
         if results.get("failure_modes"):
             plots["verbosity"] = plot_verbosity(results["failure_modes"],
                                                 pdir / "verbosity.png").relative_to(out).as_posix()

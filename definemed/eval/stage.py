@@ -252,6 +252,89 @@ def run_pairwise(cfg: EvalConfig, out: Path, hosting: Hosting) -> dict[str, Any]
             "judgments": len(judgments)}
 
 
+# ---------------------------------------------------------------- instruction following
+def _answer_points(cfg: EvalConfig, items: list, points: dict[str, str], cache_path: Path) -> dict[str, dict]:
+    """Answers of the merge frontier's points (not served: a local engine each, in its own Ray task, up to
+    `parallel_models` at a time), cached like the served models' answers. name -> set -> item id -> record."""
+    import ray
+
+    from definemed.eval.cache import JsonlCache
+    from definemed.eval.generate import chat_offline, messages
+    from definemed.ray_utils import as_completed
+
+    ic = cfg.instructions
+    cache = JsonlCache(cache_path)
+    models = _scored_models(cfg, [], points)
+    keys: dict[str, list[tuple[str, str, str, list]]] = {}  # name -> [(set, item id, key, messages)]
+    jobs = []
+    for name, (path, engine) in models.items():
+        for set_name, st in ic.sets.items():
+            gen = ic.generation_for(set_name)
+            for it in items:
+                msgs = messages(gen, it.in_lang(st.lang).prompt)
+                keys.setdefault(name, []).append((set_name, it.id, stable_key("generate-offline", name, path, msgs,
+                                                                              gen.model_dump()), msgs))
+        todo = [k for k in keys[name] if k[2] not in cache]
+        if not todo:
+            continue
+        engine, opts = _task_options(engine, cpus=os.cpu_count() or 1)
+        task = ray.remote(max_retries=0, max_calls=1, **opts)(chat_offline)
+        # one task per point answers both sets: the system prompt is part of each conversation
+        gen0 = ic.generation_for(None)
+        jobs.append(((name, todo), partial(task.remote, path, engine.model_dump(), [k[3] for k in todo], gen0)))
+    for (name, todo), recs in as_completed(jobs, cfg.parallel_models, desc="frontier answers", unit="model"):
+        for (set_name, item_id, key, _), rec in zip(todo, recs):
+            cache.put({"key": key, "model": name, "prompt_id": item_id, "set": set_name, **rec})
+    return {name: {set_name: {item_id: cache.get(key) for s, item_id, key, _ in ks if s == set_name}
+                   for set_name in ic.sets} for name, ks in keys.items()}
+
+
+def instruction_items(cfg: EvalConfig) -> list:
+    from definemed.data.loaders import load_instruction_items
+
+    ic = cfg.instructions
+    assert ic is not None
+    items = load_instruction_items(ic.prompts, ic.splits)[:ic.limit]
+    if not items:
+        raise ConfigError(f"invalid config field 'instructions.prompts': no items in {ic.prompts}"
+                          + (f" for splits {ic.splits}" if ic.splits else ""))
+    return items
+
+
+def ask_instructions(cfg: EvalConfig, out: Path, hosting: Hosting, items: list) -> dict[str, dict]:
+    """Answers of every served model to every instruction set, through its chat route: model -> set -> item id
+    -> record."""
+    from definemed.data.schemas import PromptItem
+    from definemed.eval.generate import generate_answers
+
+    ic = cfg.instructions
+    answers: dict[str, dict[str, dict]] = {}
+    for name in cfg.instruction_models():
+        for set_name, st in ic.sets.items():
+            prompts = [PromptItem(id=it.id, category=it.category, prompt=it.in_lang(st.lang).prompt) for it in items]
+            answers.setdefault(name, {})[set_name] = generate_answers(
+                f"{name}/{set_name}", hosting.endpoint(name, cfg.models[name]), prompts,
+                out / "cache" / "instructions.jsonl", ic.generation_for(set_name))
+    return answers
+
+
+def score_instructions(cfg: EvalConfig, items: list, answers: dict[str, dict], points: set[str]) -> dict[str, Any]:
+    """Every model's answers checked and gated: one row per model and set (score_set)."""
+    from definemed.eval.instructions import score_set
+
+    ic = cfg.instructions
+    rows = []
+    for name, by_set in answers.items():
+        for set_name, st in ic.sets.items():
+            res = score_set(items, by_set[set_name], st.lang, n_boot=cfg.report.n_boot, seed=cfg.report.seed)
+            rows.append({"model": name, "set": set_name, "point": name in points, **res})
+    texts = {name: {s: [by_set[s][it.id]["answer"] for it in items] for s in by_set} for name, by_set in
+             answers.items()}
+    return {"rows": rows, "items": [it.id for it in items], "splits": ic.splits,
+            "sets": {n: st.model_dump() for n, st in ic.sets.items()},
+            "generation": ic.generation.model_dump(exclude={"retry"}), "answers": texts}
+
+
 # ---------------------------------------------------------------- failure modes
 def _tokenizer(ref: EvalModel):
     from definemed.models import resolve_model
@@ -268,7 +351,23 @@ def _tokenizer(ref: EvalModel):
         return None
 
 
-def run_failure_modes(cfg: EvalConfig, pair: dict[str, Any]) -> list[dict]:
+def german_answer_sets(cfg: EvalConfig, pair: dict[str, Any] | None,
+                       instr: dict[str, Any] | None) -> dict[str, dict[str, list[str]]]:
+    """The German answers the failure modes read: set name -> model -> answers (same prompts for every model).
+    The clinical prompts' answers (pairwise), and each German instruction set's, for the configured models."""
+    sets: dict[str, dict[str, list[str]]] = {}
+    if pair is not None:
+        sets["clinical"] = {name: [a[p["id"]] for p in pair["prompts"]] for name, a in pair["answers"].items()}
+    if instr is not None:
+        for set_name, st in instr["sets"].items():
+            if st["lang"] == "de":
+                sets[f"instructions-{set_name}"] = {m: by[set_name] for m, by in instr["answers"].items()
+                                                    if m in cfg.models}
+    return sets
+
+
+def run_failure_modes(cfg: EvalConfig, answer_sets: dict[str, dict[str, list[str]]],
+                      pair: dict[str, Any] | None = None) -> list[dict]:
     from definemed.eval.failure_modes import LanguageMixDetector, TypoCounter, analyze_model, load_allowlist
     from definemed.eval.judge import flag_counts
 
@@ -278,13 +377,16 @@ def run_failure_modes(cfg: EvalConfig, pair: dict[str, Any]) -> list[dict]:
     lang = LanguageMixDetector(languages=tuple(fm.languages), min_words=fm.min_words,
                                min_confidence=fm.min_confidence, allowlist=allow)
     typo = TypoCounter(allowlist=allow, dictionary=fm.dictionary)
-    judged = {m for c in pair["comparisons"] for m in (c["candidate"], c["opponent"])}
+    judged = {m for c in pair["comparisons"] for m in (c["candidate"], c["opponent"])} if pair else set()
     rows = []
-    for name, answers in pair["answers"].items():
-        texts = [answers[p["id"]] for p in pair["prompts"]]
-        flags = flag_counts(pair["flags"], name) if name in judged else None
-        res = analyze_model(name, texts, lang, typo, tokenizer=_tokenizer(cfg.models[name]), flags=flags)
-        rows.append({**res.row(), "words": res.words, "tokens": res.tokens, "examples": res.examples})
+    tokenizers = {name: _tokenizer(ref) for name, ref in cfg.models.items()}
+    for set_name, by_model in answer_sets.items():
+        for name, texts in by_model.items():
+            flags = flag_counts(pair["flags"], name) if set_name == "clinical" and name in judged else None
+            res = analyze_model(name, texts, lang, typo, tokenizer=tokenizers[name], flags=flags,
+                                n_boot=cfg.report.n_boot, seed=cfg.report.seed)
+            rows.append({**res.row(), "set": set_name, "words": res.words, "tokens": res.tokens,
+                         "examples": res.examples})
     return rows
 
 
@@ -306,7 +408,8 @@ def _add_perplexity(cfg: EvalConfig, out: Path, points: dict[str, str], preds: l
                              "sets": {n: st.model_dump(mode="json") for n, st in pc.sets.items()},
                              "tolerance": pc.agreement_tolerance}
     if cfg.frontier is not None:
-        results["frontier"] = {"rows": frontier_rows(cfg.frontier, rows, preds), **cfg.frontier.model_dump()}
+        instr = (results.get("instructions") or {}).get("rows")
+        results["frontier"] = {"rows": frontier_rows(cfg.frontier, rows, preds, instr), **cfg.frontier.model_dump()}
         if not cfg.frontier.keep_models:
             cleanup(points)
 
@@ -334,16 +437,30 @@ def run(cfg: EvalConfig) -> dict[str, str]:
         results["mc"] = {"table": accuracy_table(objs, n_boot=cfg.report.n_boot, seed=cfg.report.seed),
                          "prompt": cfg.mc.prompt.model_dump(), "scoring": cfg.mc.scoring.model_dump(),
                          "predictions_dir": str(out / "mc")}
-    if cfg.pairwise is not None:
+    pair = instr = None
+    if cfg.pairwise is not None or cfg.instructions is not None:
+        items = instruction_items(cfg) if cfg.instructions is not None else []
         hosting = Hosting(cfg)
         try:
-            pair = run_pairwise(cfg, out, hosting)
+            if cfg.pairwise is not None:
+                pair = run_pairwise(cfg, out, hosting)
+            answers = ask_instructions(cfg, out, hosting, items) if cfg.instructions is not None else {}
         finally:
             hosting.shutdown()
+        if cfg.instructions is not None:
+            # the frontier's points are not served: a local engine each, once the served replicas are gone
+            asked = points if cfg.frontier is not None and cfg.frontier.instructions else {}
+            if asked:
+                answers.update(_answer_points(cfg, items, asked, out / "cache" / "instructions.jsonl"))
+            instr = score_instructions(cfg, items, answers, set(asked))
+    if pair is not None:
         results["pairwise"] = {k: v for k, v in pair.items() if k not in ("answers", "flags", "prompts")}
         atomic_write_json(out / "answers.json", {"prompts": pair["prompts"], "answers": pair["answers"]})
-        if cfg.failure_modes is not None:
-            results["failure_modes"] = run_failure_modes(cfg, pair)
+    if instr is not None:
+        results["instructions"] = {k: v for k, v in instr.items() if k != "answers"}
+        atomic_write_json(out / "instruction_answers.json", {"items": instr["items"], "answers": instr["answers"]})
+    if cfg.failure_modes is not None and (pair is not None or instr is not None):
+        results["failure_modes"] = run_failure_modes(cfg, german_answer_sets(cfg, pair, instr), pair)
     if cfg.perplexity is not None:
         _add_perplexity(cfg, out, points, preds, results)
     results["meaningless"] = is_meaningless(cfg)
