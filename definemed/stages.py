@@ -19,7 +19,7 @@ from typing import Any, Callable, Literal
 
 from definemed.config import ConfigError, StageConfig
 from definemed.console import requery_library_handlers, stage_log
-from definemed.io import atomic_write_json
+from definemed.io import atomic_write_json, output_lock, remove_orphans
 from definemed.lineage import DONE_MARKER, describe_inputs, fingerprint_input, write_manifest
 
 log = logging.getLogger(__name__)
@@ -201,7 +201,11 @@ def run_stage(stage: Stage, cfg: StageConfig, ray_address: str | None = None,
         if aside is not None:
             log.warning("[%s] previous outputs kept at %s until this run finishes", stage.name, aside)
     run_id = d.run_id if d.action == "resume" and d.run_id else uuid.uuid4().hex[:12]
-    with stage_log(stage.name, cfg.output_dir):
+    with output_lock(out), stage_log(stage.name, cfg.output_dir):
+        orphans = remove_orphans(out)
+        if orphans:
+            log.warning("[%s] removed %d temporary files/directories left by a killed run in %s", stage.name,
+                        len(orphans), out)
         if stage.uses_ray:
             from definemed.ray_utils import init_ray
 
