@@ -20,7 +20,8 @@ from typing import Any, Callable, Literal
 from definemed.config import ConfigError, StageConfig
 from definemed.console import requery_library_handlers, stage_log
 from definemed.io import atomic_write_json, output_lock, remove_orphans
-from definemed.lineage import DONE_MARKER, describe_inputs, fingerprint_input, write_manifest
+from definemed.lineage import DONE_MARKER, describe_inputs, write_manifest
+from definemed.models.registry import fingerprint_ref
 
 log = logging.getLogger(__name__)
 RUN_MARKER = "_RUN.json"  # written when a run starts: partial work in output_dir belongs to these inputs
@@ -169,7 +170,7 @@ def completed_outputs(cfg: StageConfig) -> dict[str, str] | None:
 
 
 def input_fingerprints(cfg: StageConfig) -> dict[str, str]:
-    return {k: fingerprint_input(v) for k, v in cfg.lineage_inputs().items()}
+    return {k: fingerprint_ref(v) for k, v in cfg.lineage_inputs().items()}
 
 
 def run_stage(stage: Stage, cfg: StageConfig, ray_address: str | None = None,
@@ -211,7 +212,7 @@ def run_stage(stage: Stage, cfg: StageConfig, ray_address: str | None = None,
 
             init_ray(cfg.ray, address=ray_address)
             requery_library_handlers()
-        described = describe_inputs(cfg.lineage_inputs())
+        described = describe_inputs(cfg.lineage_inputs(), fingerprint_ref)
         out.mkdir(parents=True, exist_ok=True)
         atomic_write_json(out / RUN_MARKER, {"stage": stage.name, "run_id": run_id,
                                              "config_fingerprint": config_fingerprint(cfg), "inputs": inputs})

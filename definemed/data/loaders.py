@@ -86,6 +86,20 @@ def fs_path(f: str, fs: Any) -> str:
     return fsspec.core.strip_protocol(f) if fs is not None else f
 
 
+def parquet_files(path: str) -> tuple[list[str], Any]:
+    """Sorted Parquet files (local dir / glob / file, or fsspec URI) and the fsspec filesystem (None = local)."""
+    return resolve_files(path, (".parquet",))
+
+
+def arrow_paths(files: list[str], fs: Any) -> tuple[list[str], Any]:
+    """Paths and pyarrow filesystem for Arrow/Ray readers (fsspec URIs go through pyarrow's fsspec handler)."""
+    if fs is None:
+        return files, None
+    from pyarrow.fs import FSSpecHandler, PyFileSystem
+
+    return [fs_path(f, fs) for f in files], PyFileSystem(FSSpecHandler(fs))
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # web documents
 
