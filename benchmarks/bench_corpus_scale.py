@@ -33,7 +33,7 @@ VERSION = "v1"
 
 
 def cache_root(seed: int) -> Path:
-    from definemed.models.registry import cache_root as root
+    from definemed.cache import cache_root as root
 
     return root() / "bench_corpus" / f"fineweb2de-synth-s{seed}-{VERSION}"
 

@@ -23,29 +23,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from definemed.train.torchrun import SHAPES, packed_batch  # noqa: E402  (the torchrun CPT check's shapes and rows)
+
 TARGET_MFU = 0.40
-# Qwen2.5-0.5B: 494M parameters (tied embeddings).
-QWEN2_0_5B = dict(hidden_size=896, num_hidden_layers=24, num_attention_heads=14, num_key_value_heads=2,
-                  intermediate_size=4864, vocab_size=151936, tie_word_embeddings=True, rope_theta=1_000_000.0,
-                  max_position_embeddings=32768)
-TINY = dict(hidden_size=128, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
-            intermediate_size=256, vocab_size=4096, tie_word_embeddings=True, max_position_embeddings=4096)
-
-
-def packed_batch(vocab: int, seq_len: int, gen):
-    """One packed row: documents of random lengths (mean ~600 tokens), positions restarting per document."""
-    import torch
-
-    from definemed.train.loss import packed_labels
-
-    lens, left = [], seq_len
-    while left > 0:
-        n = min(left, int(torch.randint(64, 1200, (1,), generator=gen)))
-        lens.append(n)
-        left -= n
-    ids = torch.randint(3, vocab, (1, seq_len), generator=gen)
-    pos = torch.cat([torch.arange(n) for n in lens])[None]
-    return ids, pos, packed_labels(ids, pos, seq_len)
+QWEN2_0_5B, TINY = SHAPES["qwen2.5-0.5b"], SHAPES["tiny"]
 
 
 def matmul_tflops(device, dtype, n: int = 8192, iters: int = 20) -> float:

@@ -32,6 +32,16 @@ _INFO_RECORD = re.compile(
     r"|(?:INFO|DEBUG)\s+\d{4}-\d\d-\d\d \d\d:\d\d:\d\d[,.]\d+"  # Ray Serve: INFO 2026-12-01 20:28:18,234 serve
     r")")
 _PROBLEM = re.compile(r"\b(?:ERROR|CRITICAL|Traceback|Exception|Error:|FAILED)\b")
+# A vLLM engine's worker processes exit at the end of a Ray Data job; Python's multiprocessing resource tracker in
+# the engine actor was relaunched meanwhile ("process died unexpectedly") with an empty registry, and then prints a
+# KeyError traceback for every shared-memory segment (/psm_*, /mp-*) whose owner already freed it. Harmless.
+_HARMLESS_TRACEBACK = re.compile(r"resource_tracker\.py.*\n(?:.*\n)*.*KeyError: '/(?:psm_|mp-)")
+HARMLESS_TRACEBACK_NOTE = ("[note] a vLLM worker's multiprocessing resource tracker reported shared memory it no longer "
+                           "tracked (KeyError tracebacks from resource_tracker.py at shutdown): harmless, the memory "
+                           "was already freed; the tracebacks are in the stage log")
+# Ray Train's placement-group cleaner polls the controller and says so on every failed poll (251 lines in one
+# real-small CPT): the stage log keeps the first and a count.
+_ONCE = re.compile(r"PlacementGroupCleaner.*Failed to query Ray Train Controller actor state")
 
 
 def configure(verbose: bool = False) -> None:
@@ -76,6 +86,9 @@ class _Router(io.TextIOBase):
         self._console, self._log, self._verbose = console, log, verbose
         self._buf = ""
         self._in_noise = False  # indented lines after a noise line continue its record (e.g. a dumped dict)
+        self._tb: tuple[str, list[str]] | None = None  # a worker's traceback (prefix, lines) held to its last line
+        self._noted = False
+        self._repeats = 0
 
     def write(self, s: str) -> int:
         if "\r" in s and "\n" not in s:  # a progress bar redrawing itself; workers' bars are noise too
@@ -92,11 +105,43 @@ class _Router(io.TextIOBase):
     def _emit(self, line: str) -> None:
         # A library may keep a handler on this router after its stage ended (and closed the log): console only.
         if not self._log.closed:
+            if _ONCE.search(line):
+                self._repeats += 1
+                if self._repeats > 1:
+                    return
             self._log.write(line.rsplit("\r", 1)[-1] + "\n")
+        if self._verbose:
+            self._console.write(line + "\n")
+            return
+        prefix = _WORKER_PREFIX.match(line)
+        if self._tb is not None and prefix and prefix.group(0) == self._tb[0]:
+            self._tb[1].append(line)
+            rest = _ANSI.sub("", line[prefix.end():])
+            body = rest[1:] if rest.startswith(" ") else rest  # Ray puts one space after the prefix
+            if not body.startswith((" ", "\t", "Traceback")):
+                self._end_traceback()  # the exception line: now it is known what the traceback was
+            return
+        if prefix and "Traceback (most recent call last)" in line:
+            self._end_traceback()
+            self._tb = (prefix.group(0), [line])
+            return
         noise = is_noise(line) or (self._in_noise and line[:1] in (" ", "\t"))
         self._in_noise = noise
-        if self._verbose or not noise:
+        if not noise:
             self._console.write(line + "\n")
+
+    def _end_traceback(self) -> None:
+        """A worker's traceback goes to the console whole (its body used to be dropped as worker chatter, leaving a
+        bare "Traceback" line), or, for the known harmless one, as a one-line note."""
+        if self._tb is None:
+            return
+        lines, self._tb = self._tb[1], None
+        if _HARMLESS_TRACEBACK.search("\n".join(_ANSI.sub("", ln) for ln in lines)):
+            if not self._noted:
+                self._console.write(HARMLESS_TRACEBACK_NOTE + "\n")
+                self._noted = True
+            return
+        self._console.write("\n".join(lines) + "\n")
 
     def flush(self) -> None:
         self._console.flush()
@@ -107,6 +152,11 @@ class _Router(io.TextIOBase):
         if self._buf:
             self._emit(self._buf)
             self._buf = ""
+        self._end_traceback()
+        if self._repeats > 1 and not self._log.closed:
+            self._log.write(f"[definemed] the PlacementGroupCleaner line above repeated {self._repeats - 1} more "
+                            "times; left out\n")
+            self._repeats = 0
 
     def isatty(self) -> bool:
         return self._console.isatty()

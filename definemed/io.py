@@ -75,3 +75,46 @@ def write_parquet_atomic(table, path: str | os.PathLike) -> Path:
     with _atomic_target(path) as tmp:
         pq.write_table(table, tmp)
     return Path(path)
+
+
+def remove_orphans(root: str | os.PathLike, depth: int = 2) -> list[Path]:
+    """Delete what the atomic writers above leave behind when their process is killed (`.<name>.tmp-*` and
+    `.<name>.old-*` directories, `.<name>.<id>.tmp` files) under `root`, down to `depth` levels. Call it only
+    while holding `output_lock(root)`: then no live writer owns them."""
+    root = Path(root)
+    found: list[Path] = []
+    dirs = [root]
+    for _ in range(depth):
+        nxt = []
+        for d in dirs:
+            for p in d.iterdir() if d.is_dir() else []:
+                if p.name.startswith(".") and (".tmp-" in p.name or ".old-" in p.name or p.name.endswith(".tmp")):
+                    found.append(p)
+                elif p.is_dir() and not p.is_symlink():
+                    nxt.append(p)
+        dirs = nxt
+    for p in found:
+        shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+    return found
+
+
+@contextlib.contextmanager
+def output_lock(out: str | os.PathLike) -> Iterator[None]:
+    """Hold an exclusive lock on an output directory for one run. The kernel drops it when the holder dies, so a
+    second run can tell a dead run's leftovers from a live run's work; a live holder is refused at once."""
+    from filelock import FileLock, Timeout
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    lock = FileLock(str(out / ".lock"))
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        from definemed.config import ConfigError
+
+        raise ConfigError(f"invalid config field 'output_dir': another run is writing to {out}; wait for it or "
+                          "choose another output_dir") from None
+    try:
+        yield
+    finally:
+        lock.release()

@@ -10,7 +10,7 @@ import subprocess
 import sys
 from importlib import metadata
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 from pydantic import BaseModel
 
@@ -119,15 +119,12 @@ def fingerprint_input(value: str | os.PathLike) -> str:
     """A cheap identity of one stage input, compared between runs to decide whether outputs are stale.
 
     - inside another stage's finished output directory: that run's id (`run:<id>`);
-    - a tiny:// or real:// model: the fingerprint of the directory it resolves to;
     - a local file, directory or glob: names + sizes, content hashes of small files, mtimes of large ones;
     - anything else (remote URI, hub id): the string itself; pin a revision in it to make it exact.
+    Model references (tiny://, real://) are fingerprinted by `models.registry.fingerprint_ref`, which calls this
+    for everything else; this module knows nothing of models.
     """
     s = str(value)
-    if s.startswith(("tiny://", "real://")):
-        from definemed.models import resolve_model
-
-        s = resolve_model(s)
     if "://" in s:
         return "uri:" + s
     run = producer_run(s)
@@ -151,11 +148,12 @@ def _jsonable(cfg: Any) -> Any:
     return cfg
 
 
-def describe_inputs(inputs: dict[str, str | os.PathLike] | None) -> dict[str, dict[str, Any]]:
+def describe_inputs(inputs: dict[str, str | os.PathLike] | None,
+                    fingerprint: Callable[[str | os.PathLike], str] = fingerprint_input) -> dict[str, dict[str, Any]]:
     """Path, fingerprint and (when another stage made it) the producing run of every input."""
     out: dict[str, dict[str, Any]] = {}
     for k, v in (inputs or {}).items():
-        entry: dict[str, Any] = {"path": str(v), "fingerprint": fingerprint_input(v), "hash": hash_path(v)}
+        entry: dict[str, Any] = {"path": str(v), "fingerprint": fingerprint(v), "hash": hash_path(v)}
         run = producer_run(v) if "://" not in str(v) else None
         if run is not None:
             entry["produced_by"] = run

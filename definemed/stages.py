@@ -19,8 +19,9 @@ from typing import Any, Callable, Literal
 
 from definemed.config import ConfigError, StageConfig
 from definemed.console import requery_library_handlers, stage_log
-from definemed.io import atomic_write_json
-from definemed.lineage import DONE_MARKER, describe_inputs, fingerprint_input, write_manifest
+from definemed.io import atomic_write_json, output_lock, remove_orphans
+from definemed.lineage import DONE_MARKER, describe_inputs, write_manifest
+from definemed.models.registry import fingerprint_ref
 
 log = logging.getLogger(__name__)
 RUN_MARKER = "_RUN.json"  # written when a run starts: partial work in output_dir belongs to these inputs
@@ -169,7 +170,7 @@ def completed_outputs(cfg: StageConfig) -> dict[str, str] | None:
 
 
 def input_fingerprints(cfg: StageConfig) -> dict[str, str]:
-    return {k: fingerprint_input(v) for k, v in cfg.lineage_inputs().items()}
+    return {k: fingerprint_ref(v) for k, v in cfg.lineage_inputs().items()}
 
 
 def run_stage(stage: Stage, cfg: StageConfig, ray_address: str | None = None,
@@ -201,13 +202,17 @@ def run_stage(stage: Stage, cfg: StageConfig, ray_address: str | None = None,
         if aside is not None:
             log.warning("[%s] previous outputs kept at %s until this run finishes", stage.name, aside)
     run_id = d.run_id if d.action == "resume" and d.run_id else uuid.uuid4().hex[:12]
-    with stage_log(stage.name, cfg.output_dir):
+    with output_lock(out), stage_log(stage.name, cfg.output_dir):
+        orphans = remove_orphans(out)
+        if orphans:
+            log.warning("[%s] removed %d temporary files/directories left by a killed run in %s", stage.name,
+                        len(orphans), out)
         if stage.uses_ray:
             from definemed.ray_utils import init_ray
 
             init_ray(cfg.ray, address=ray_address)
             requery_library_handlers()
-        described = describe_inputs(cfg.lineage_inputs())
+        described = describe_inputs(cfg.lineage_inputs(), fingerprint_ref)
         out.mkdir(parents=True, exist_ok=True)
         atomic_write_json(out / RUN_MARKER, {"stage": stage.name, "run_id": run_id,
                                              "config_fingerprint": config_fingerprint(cfg), "inputs": inputs})

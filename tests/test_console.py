@@ -159,3 +159,36 @@ def quiet_console(monkeypatch):
         return buf
 
     return capture
+
+
+def test_worker_tracebacks_are_shown_whole_or_explained_and_repeated_cleaner_lines_logged_once(tmp_path,
+                                                                                               quiet_console):
+    """A worker's traceback used to reach the console as a bare first line (its body is worker chatter). The
+    harmless resource-tracker KeyErrors of vLLM's Ray Data workers become one note; any other traceback is shown
+    whole. Ray Train's PlacementGroupCleaner poll failure is logged once, with a count."""
+    from definemed import console
+
+    w = "\x1b[36m(MapWorker(MapBatches(vLLMEngineStageUDF)) pid=4164)\x1b[0m "
+    other = "\x1b[36m(MapWorker(MapBatches(Other)) pid=99)\x1b[0m "
+    cleaner = ("\x1b[36m(PlacementGroupCleaner pid=5235)\x1b[0m Failed to query Ray Train Controller actor state. "
+               "State API may be temporarily unavailable. Continuing to monitor.")
+    out = quiet_console("stdout")
+    with console.stage_log("annotate", str(tmp_path)) as log:
+        for seg in ("/psm_0b6feccf", "/mp-ndo9upfn"):
+            print(w + "Traceback (most recent call last):")
+            print(w + '  File "/usr/lib/python3.11/multiprocessing/resource_tracker.py", line 239, in main')
+            print(w + "    cache[rtype].remove(name)")
+            print(w + f"KeyError: '{seg}'")
+        print(other + "Traceback (most recent call last):")
+        print(other + '  File "udf.py", line 3, in __call__')
+        print(w + "INFO 12-02 17:53:00 [core.py:1] engine stopped")  # another worker's chatter in between
+        print(other + "ValueError: prompt longer than max_model_len")
+        for _ in range(5):
+            print(cleaner)
+        print("[annotate] labels: {'medical': 3}")
+    shown = out.getvalue()
+    assert shown.count(console.HARMLESS_TRACEBACK_NOTE) == 1 and "psm_" not in shown
+    assert 'File "udf.py"' in shown and "ValueError: prompt longer" in shown  # the real one whole
+    assert "engine stopped" not in shown and "[annotate] labels" in shown
+    logged = log.read_text()
+    assert logged.count("KeyError") == 2 and logged.count("Failed to query") == 1 and "4 more times" in logged

@@ -1,5 +1,6 @@
 """The streaming filter reproduces the filter's output from before it streamed (tests/data/filter_reference.json,
-captured on the bundled sample plus planted rows), with fuzzy dedup and the German PII kinds added on top."""
+captured on the bundled sample plus planted rows), with fuzzy dedup and the German PII kinds added on top; a
+filter whose driver is killed half-way through scoring resumes to the same output."""
 from __future__ import annotations
 
 import hashlib
@@ -20,14 +21,26 @@ def _sha(t: str) -> str:
     return hashlib.sha256(t.encode("utf-8")).hexdigest()[:16]
 
 
-def test_streaming_filter_equals_the_reference_output_on_the_sample(ray_local, tmp_path, tiny_xlmr):
-    from definemed.corpus.pii import redact
+PART_ROWS = 16  # ~22 parts of the scoring pass, so a kill can land half-way
+
+
+@pytest.fixture(scope="module")
+def filtered(ray_local, tmp_path_factory, tiny_xlmr):
+    """One uninterrupted filter run: (source dir, config)."""
     from definemed.stages import STAGES, run_stage
+
+    root = tmp_path_factory.mktemp("filter")
+    src = build_source(root / "src")
+    cfg = filter_cfg(src, root / "out", tiny_xlmr, block_rows=PART_ROWS)  # fuzzy dedup and all PII kinds on
+    run_stage(STAGES["filter"], cfg)
+    return src, cfg
+
+
+def test_streaming_filter_equals_the_reference_output_on_the_sample(filtered):
+    from definemed.corpus.pii import redact
     from definemed.text import word_count
 
-    src = build_source(tmp_path / "src")
-    cfg = filter_cfg(src, tmp_path / "out", tiny_xlmr)  # fuzzy dedup and all PII kinds on (the defaults)
-    run_stage(STAGES["filter"], cfg)
+    src, cfg = filtered
     got, ref = summarise(Path(cfg.output_dir)), REFERENCE["pii=True"]
     steps = json.loads((Path(cfg.output_dir) / "stats.json").read_text())["steps"]
 
@@ -59,3 +72,48 @@ def test_streaming_filter_equals_the_reference_output_on_the_sample(ray_local, t
     assert steps["final_words"] == sum(word_count(t) for t in fin)
     stats = json.loads((Path(cfg.output_dir) / "stats.json").read_text())
     assert "tiny randomly initialised" in stats["note"] and "not FineWeb2-de's 427.7M" in stats["note"]
+
+
+def _frames(d: Path) -> pd.DataFrame:
+    """A Parquet directory's rows in file-name order, as a reader of the dataset sees them."""
+    return pd.concat([pd.read_parquet(f) for f in sorted(d.glob("*.parquet"))], ignore_index=True)
+
+
+def test_filter_killed_half_way_through_scoring_resumes_to_identical_output(filtered, tmp_path, tiny_xlmr):
+    from definemed.corpus.filter import PARTS_DIR
+    from definemed.data.loaders import plan_web_parts
+    from definemed.stages import STAGES, run_stage
+    from tests.killer import kill_when
+
+    src, full_cfg = filtered
+    cfg = filter_cfg(src, tmp_path / "out", tiny_xlmr, block_rows=PART_ROWS)
+    out = Path(cfg.output_dir)
+    parts = len(plan_web_parts(cfg.source, PART_ROWS)["parts"])
+    assert parts >= 10
+    markers = out / "scored" / PARTS_DIR
+    code = ("from definemed.stages import STAGES, run_stage\n"
+            "from tests.filter_reference import filter_cfg\n"
+            f"run_stage(STAGES['filter'], filter_cfg({str(src)!r}, {str(out)!r}, {tiny_xlmr!r}, "
+            f"block_rows={PART_ROWS}))\n")
+    kill_when(code, lambda: len(list(markers.glob("*.json"))) >= parts // 2)
+
+    assert not (out / "scored" / "_SCORED.json").exists() and not (out / "_DONE.json").exists()
+    assert (out / "_RUN.json").exists()
+    left = [p for p in (out / "scored").iterdir() if p.name.startswith(".")]  # a part killed mid-write, if any
+    (out / ".finemed_de.tmp-deadbeef").mkdir()  # what a run killed in a later pass leaves
+    run_stage(STAGES["filter"], cfg)
+
+    full, resumed = Path(full_cfg.output_dir), out
+    scoring = json.loads((resumed / "stats.json").read_text())["steps"]["scoring"]
+    total = json.loads((full / "stats.json").read_text())["steps"]["scored_docs"]
+    assert scoring["parts"] == parts and 0 < scoring["parts_reused"] < parts
+    assert 0 < scoring["docs_scored_now"] <= 0.6 * total, scoring
+    for d in ("scored", "finemed_de", "quarantine"):  # same rows, same order
+        pd.testing.assert_frame_equal(_frames(resumed / d), _frames(full / d))
+    pd.testing.assert_frame_equal(pd.read_parquet(resumed / "decontaminated.parquet"),
+                                  pd.read_parquet(full / "decontaminated.parquet"))
+    steps = {k: v for k, v in json.loads((resumed / "stats.json").read_text())["steps"].items() if k != "scoring"}
+    assert steps == {k: v for k, v in json.loads((full / "stats.json").read_text())["steps"].items()
+                     if k != "scoring"}
+    orphans = [p for p in [*resumed.iterdir(), *(resumed / "scored").iterdir()] if ".tmp" in p.name]
+    assert orphans == [] and all(not p.exists() for p in left)

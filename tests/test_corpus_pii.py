@@ -1,6 +1,8 @@
 """German clinical PII: recall on a planted set, and medical text that must survive unchanged."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from definemed.corpus.pii import KINDS, redact
@@ -16,7 +18,57 @@ MEDICAL = [
     "Laborwerte vom 12.03.2024: Hb 13,5 g/dl, Leukozyten 7.800/µl, Thrombozyten 250.000/µl.",
     "Herr Doktor, wann darf der Patient nach der Appendektomie wieder Sport treiben?",
     "Die Studie schloss 20000 Patienten ein; Kontrolle nach 12 Wochen, Follow-up 2025.",
+    # what the widened address and role rules must leave alone
+    "Verlegung auf Station 4, Zimmer 12; Stadium 3, 20000 Patienten im Register, Typ 2 Diabetes seit 2010.",
+    "Daraufhin hat der Kardiologe Untersuchungen veranlasst und die Hausärztin Blut abgenommen.",
+    "Die Mutter Kind Beziehung und der Vater Sohn Konflikt wurden in der Familientherapie besprochen.",
+    "Die Tochter erhielt Ibuprofen 400 mg, der Sohn Paracetamol 500 mg; die Ehefrau Metamizol 500 mg.",
+    "Der Neurologe Befund: keine Paresen. Trisomie 21, Stufe 2, Grad 3, Tag 14, Woche 38 (SSW).",
+    "Befund an Dr. med. K., Fachärztin für Allgemeinmedizin; Versicherte: keine Zuzahlung 2024.",
 ]
+LETTERS = Path(__file__).parent / "data" / "pii_de_letters.jsonl"
+
+
+def _redacted_chars(text: str, red: str) -> list[bool]:
+    """Which characters of `text` redaction removed, from an alignment of the two strings."""
+    import difflib
+
+    gone = [True] * len(text)
+    for op, i1, i2, _, _ in difflib.SequenceMatcher(None, text, red, autojunk=False).get_opcodes():
+        if op == "equal":
+            gone[i1:i2] = [False] * (i2 - i1)
+    return gone
+
+
+def test_recall_on_independent_german_letters_with_labelled_spans():
+    """Discharge, referral and insurance letters, lab reports and other correspondence (tests/data, DATA_CARD.md),
+    written apart from the synthetic generator; a span is found when >= 80% of its letters and digits are gone,
+    and nothing outside the labelled spans may go."""
+    import json
+
+    rows = [json.loads(line) for line in LETTERS.read_text(encoding="utf-8").splitlines()]
+    assert len(rows) >= 40 and len({r["style"] for r in rows}) >= 4
+    found = total = 0
+    misses, extra = [], []
+    for r in rows:
+        text = r["text"]
+        gone = _redacted_chars(text, redact(text)[0])
+        labelled = [False] * len(text)
+        for span in r["spans"]:
+            starts = [i for i in range(len(text)) if text.startswith(span["text"], i)]
+            assert starts, (r["id"], span)
+            for i in starts:
+                idx = [j for j in range(i, i + len(span["text"])) if text[j].isalnum()]
+                labelled[i:i + len(span["text"])] = [True] * len(span["text"])
+                total += 1
+                hit = sum(gone[j] for j in idx) >= 0.8 * len(idx)
+                found += hit
+                if not hit:
+                    misses.append((r["id"], span["kind"], span["text"]))
+        if any(g and not lab and ch.isalnum() for g, lab, ch in zip(gone, labelled, text)):
+            extra.append(r["id"])
+    assert total >= 200 and found / total >= 0.95, misses
+    assert len(extra) <= 0.05 * len(rows), extra
 
 
 def test_planted_german_pii_recall_is_at_least_95_percent():

@@ -7,6 +7,8 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
+from definemed.config import ConfigError
+
 pytestmark = pytest.mark.integration
 
 
@@ -58,25 +60,66 @@ def test_annotate_with_vllm_engine_labels_every_sampled_doc(ray_local, tmp_path)
     assert (tmp_path / "ann" / "lineage.json").exists()
 
 
-def test_interrupted_annotation_resumes_to_identical_output(annotated, tmp_path):
+def _slow_echo_labeler(ds):
+    """The test double answering slowly (one task at a time, 8 rows per 0.1 s): a kill lands half-way."""
+    import time
+
+    def f(df: pd.DataFrame) -> pd.DataFrame:
+        time.sleep(0.1)
+        return df
+
+    return _echo_gold_labeler(ds.map_batches(f, batch_format="pandas", batch_size=8, concurrency=1))
+
+
+def test_annotation_killed_mid_shard_resumes_to_identical_output(annotated, tmp_path):
+    import pyarrow.parquet as pq
+
+    from definemed.corpus.annotate import check_resumable
     from definemed.corpus.stage import run_annotate
+    from tests.killer import kill_when
 
     full = pd.read_parquet(annotated / "labels.parquet")
-    n_shards = len(list((annotated / "sample").glob("shard-*.parquet")))
-    assert n_shards >= 3 and full["id"].is_unique
+    assert full["id"].is_unique and len(list((annotated / "sample").glob("shard-*.parquet"))) >= 3
     assert (full["label"] == "unparsed").sum() > 0  # garbled answers are counted, never guessed
 
     out = tmp_path / "ann"
-    first = run_annotate(_annotate_cfg(out), labeler=_echo_gold_labeler, max_shards=2)  # "killed" after 2 shards
-    assert "labels" not in first
-    done = {p.name: p.stat().st_mtime_ns for p in (out / "annotations").glob("shard-*.parquet")}
-    assert len(done) == 2
-    run_annotate(_annotate_cfg(out), labeler=_echo_gold_labeler)
+    ann = out / "annotations"
+
+    def labelled() -> int:
+        files = [*ann.glob("shard-*.parquet"), *ann.glob("shard-*.parts/*.parquet")]
+        return sum(pq.ParquetFile(f).metadata.num_rows for f in files if f.exists())
+
+    code = ("from definemed.ray_utils import init_ray\n"
+            "from definemed.corpus.stage import run_annotate\n"
+            "from tests.test_corpus_pipeline import _annotate_cfg, _slow_echo_labeler\n"
+            "init_ray()\n"
+            f"run_annotate(_annotate_cfg(__import__('pathlib').Path({str(out)!r})), labeler=_slow_echo_labeler)\n")
+    kill_when(code, lambda: labelled() >= len(full) // 2 and any(ann.glob("shard-*.parts/*.parquet")))
+    assert not (out / "labels.parquet").exists()
+    done = {p.name: p.stat().st_mtime_ns for p in ann.glob("shard-*.parquet")}
+    partial = sum(pq.ParquetFile(f).metadata.num_rows for f in ann.glob("shard-*.parts/*.parquet"))
+    assert partial > 0  # a shard's labels survived the kill though the shard was not finished
+
+    sent: list[int] = []
+
+    def counting(ds):
+        sent.append(ds.count())
+        return _echo_gold_labeler(ds)
+
+    run_annotate(_annotate_cfg(out), labeler=counting)
+    assert 0 < sent[0] <= 0.6 * len(full)
+    assert sent[0] == len(full) - sum(len(pd.read_parquet(ann / n)) for n in done) - partial
     for name, mtime in done.items():  # finished shards were skipped, not relabelled
-        assert (out / "annotations" / name).stat().st_mtime_ns == mtime
-    resumed = pd.read_parquet(out / "labels.parquet")
-    assert resumed["id"].is_unique
-    pd.testing.assert_frame_equal(resumed, full)
+        assert (ann / name).stat().st_mtime_ns == mtime
+    assert not list(ann.glob("shard-*.parts"))
+    pd.testing.assert_frame_equal(pd.read_parquet(out / "labels.parquet"), full)
+
+    # every shard is checked, not just the first: a later shard by another annotator is refused
+    last = sorted(ann.glob("shard-*.parquet"))[-1]
+    t = pq.read_table(last).to_pandas().assign(model="tiny://other")
+    t.to_parquet(last)
+    with pytest.raises(ConfigError, match=last.name):
+        check_resumable(ann, full["model"].iloc[0], full["prompt_sha"].iloc[0], str(out))
 
 
 def _classify_cfg(annotated: Path, out: Path, num_workers: int = 2):

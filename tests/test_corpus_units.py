@@ -202,11 +202,22 @@ def test_words_are_one_definition_for_filter_decontam_and_failure_modes():
     assert decontam.normalised_words(text) == [w.lower() for w in words(text)]
 
 
-def test_pack_uses_the_ingest_definition_of_malformed_text():
-    from definemed.corpus.malformed import malformed_reason
-    from definemed.train import pack
+def test_pack_sets_aside_exactly_the_rows_ingest_quarantines(tmp_path):
+    """Pack and ingest must agree row by row on what is malformed, whatever the rule becomes."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
 
-    assert pack.malformed_reason is malformed_reason  # the same function, not a copy of its rule
+    from definemed.corpus.ingest import quarantine_batch
+    from definemed.train.pack import QUARANTINE_FILE, write_quarantine
+
+    texts = ["Ein Befund.", None, "", " \n\t ", "x" * 300_000, "Noch ein Befund", "\u00a0\u2003", "ok"]
+    table = pa.table({"id": [f"d{i}" for i in range(len(texts))], "text": texts})
+    pq.write_table(table, tmp_path / "in.parquet")
+    n = write_quarantine([str(tmp_path / "in.parquet")], None, "text", tmp_path)
+    packed = pq.read_table(tmp_path / QUARANTINE_FILE).select(["id", "reason"]).to_pylist()
+    quarantine_batch(table, str(tmp_path / "q"), max_chars=None)  # pack sets no size limit
+    ingested = pq.read_table(next((tmp_path / "q").glob("*.parquet"))).select(["id", "reason"]).to_pylist()
+    assert n == len(packed) >= 4 and packed == ingested
 
 
 def test_content_hash_ignores_whitespace_layout_only():

@@ -25,9 +25,9 @@ def test_split_is_seeded_stable_and_near_the_fraction():
 def test_heldout_file_and_trained_ids_partition_the_input(tmp_path):
     ids = [f"d{i}" for i in range(200)]
     pq.write_table(pa.table({"id": ids, "text": [f"Text {i}" for i in ids]}), tmp_path / "in.parquet")
-    from definemed.train.pack import input_files
+    from definemed.data.loaders import parquet_files
 
-    files, fs = input_files(str(tmp_path / "in.parquet"))
+    files, fs = parquet_files(str(tmp_path / "in.parquet"))
     rec = write_heldout(files, fs, "text", HeldoutConfig(fraction=0.2, seed=3), tmp_path)
     (tmp_path / "split.json").write_text(json.dumps({"input": str(tmp_path / "in.parquet"), **rec}))
     held = set(pq.read_table(tmp_path / "heldout.parquet").column("id").to_pylist())

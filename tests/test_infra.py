@@ -201,3 +201,23 @@ def test_gpu_check_script_writes_valid_configs(tmp_path):
     cpt = yaml.safe_load((tmp_path / "cpt.yaml").read_text())
     assert cpt["parallel"]["use_gpu"] is True and cpt["train"]["max_steps"] == 20
     assert yaml.safe_load((tmp_path / "annotate.yaml").read_text())["engine"]["accelerator"] == "gpu"
+
+
+def test_torch_only_gpu_check_runs_its_torchrun_path_on_two_gloo_processes(tmp_path):
+    """What `scripts/gpu_check.sh --torch-only` runs on a torch-only GPU machine, run here as CI can: the same
+    torchrun launch of definemed.train.torchrun (2 processes, gloo, tiny shape, FSDP2 with the bf16 policy) and
+    the MFU benchmark's dry run, with Ray, vLLM, mergekit, pydantic, accelerate and pyarrow unimportable."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "PYTHON": sys.executable, "GPU_CHECK_DIR": str(tmp_path)}
+    r = subprocess.run(["bash", str(REPO / "scripts" / "gpu_check.sh"), "--torch-only", "--validate-only"],
+                       capture_output=True, text=True, env=env, cwd=REPO, timeout=400)
+    assert r.returncode == 0, r.stdout + r.stderr + (tmp_path / "cpt.log").read_text()
+    assert [ln.split()[:2] for ln in r.stdout.splitlines()[:3]] == [["imports", "ok"], ["cpt", "PASS"],
+                                                                    ["mfu", "ok"]]
+    s = json.loads((tmp_path / "cpt_torchrun.json").read_text())
+    assert s["world_size"] == 2 and s["backend"] == "gloo" and s["compute_dtypes"] == ["torch.bfloat16"]
+    assert s["final_loss"] < s["first_loss"]  # the step trains: both ranks memorise their rows

@@ -263,12 +263,17 @@ def test_output_is_a_complete_reproducible_model(study_merge, tiny_qwen2, tmp_pa
     mtime = (model / "model.safetensors").stat().st_mtime_ns
     assert run_merge_stage(cfg)["model"] == out["model"]
     assert (model / "model.safetensors").stat().st_mtime_ns == mtime
-    # transformers loads it and generates
-    lm = AutoModelForCausalLM.from_pretrained(model)
+    # transformers loads every merged weight (none missing, none freshly initialised); its predictions are
+    # neither parent's
+    lm, info = AutoModelForCausalLM.from_pretrained(model, output_loading_info=True)
+    assert not any(info.values()), info
     prompt = tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
     ids = tok(prompt, return_tensors="pt", add_special_tokens=False)
-    gen = lm.generate(**ids, max_new_tokens=6, min_new_tokens=6, do_sample=False)
-    assert gen.shape[1] == ids.input_ids.shape[1] + 6
+    with torch.no_grad():
+        logits = [m(**ids).logits for m in (lm, AutoModelForCausalLM.from_pretrained(tiny_qwen2),
+                                              AutoModelForCausalLM.from_pretrained(b))]
+    assert torch.isfinite(logits[0]).all()
+    assert not torch.allclose(logits[0], logits[1], atol=1e-4) and not torch.allclose(logits[0], logits[2], atol=1e-4)
 
 
 @pytest.mark.integration
@@ -279,11 +284,14 @@ def test_merged_model_generates_in_vllm_cpu_engine(study_merge, in_own_process):
         from definemed.engine import make_llm
 
         llm = make_llm(path, sole_engine=True)
-        outs = llm.chat([[{"role": "user", "content": "Was ist Bluthochdruck?"}]] * 2,
-                        SamplingParams(max_tokens=8, min_tokens=8, temperature=0))
-        return [len(o.outputs[0].token_ids) for o in outs]
+        o = llm.chat([[{"role": "user", "content": "Was ist Bluthochdruck?"}]],
+                     SamplingParams(max_tokens=8, temperature=0))[0]
+        return list(o.prompt_token_ids), list(o.outputs[0].token_ids)
 
-    assert in_own_process(generate, study_merge[1]["model"]) == [8, 8]
+    from tests.hf_check import assert_greedy_tokens_match_transformers
+
+    model = study_merge[1]["model"]
+    assert_greedy_tokens_match_transformers(model, *in_own_process(generate, model))
 
 
 @pytest.mark.integration

@@ -1,5 +1,5 @@
-"""The CPU-vs-GPU decision comes from config and the cluster, never from the driver's hardware (this machine has
-no GPU, so every GPU answer below can only come from the cluster resources given)."""
+"""The CPU-vs-GPU decision comes from config and the cluster, never from the driver's hardware. The driver's GPU
+count is set by the tests (monkeypatched), so every answer below holds on a CPU host and on a GPU host alike."""
 from __future__ import annotations
 
 import os
@@ -17,15 +17,21 @@ GPU_CLUSTER = {"CPU": 392.0, "GPU": 32.0, "accelerator_type:A100": 32.0}
 CPU_CLUSTER = {"CPU": 8.0}
 
 
-def test_auto_follows_the_cluster_not_the_driver():
+@pytest.mark.parametrize("driver_gpus", [0, 4])
+def test_auto_follows_the_cluster_not_the_driver(monkeypatch, driver_gpus):
     import torch
 
-    assert not torch.cuda.is_available()  # the driver here has no GPU, like a KubeRay head
+    import definemed.resources as resources
+
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: driver_gpus)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: driver_gpus > 0)
     assert resolve_device("auto", GPU_CLUSTER) == "gpu"
-    assert resolve_device("auto", CPU_CLUSTER) == "cpu"
+    assert resolve_device("auto", CPU_CLUSTER) == "cpu"  # a GPU driver (workstation) with a CPU cluster: cpu
     assert resolve_device("cpu", GPU_CLUSTER) == "cpu" and resolve_device("gpu", CPU_CLUSTER) == "gpu"
     assert resolve_device(True, CPU_CLUSTER) == "gpu" and resolve_device(False, GPU_CLUSTER) == "cpu"
-    assert resolve_device("auto") == "cpu"  # no Ray connected: the work runs here, on this CPU machine
+    # no Ray connected: the work runs in this process, so this process's GPUs decide
+    monkeypatch.setattr(resources, "cluster_resources", lambda: None)
+    assert resolve_device("auto") == ("gpu" if driver_gpus else "cpu")
 
 
 def test_one_engine_decision_drives_bundles_task_resources_and_vllm_kwargs():
@@ -45,8 +51,12 @@ def test_one_engine_decision_drives_bundles_task_resources_and_vllm_kwargs():
     assert engine_kwargs(EngineConfig(accelerator="gpu", enforce_eager=True))["enforce_eager"] is True
 
 
-def test_laptop_defaults_are_unchanged():
+def test_laptop_defaults_are_unchanged(monkeypatch):
     """No Ray, no GPU: the demo's engines get what they always got."""
+    import definemed.resources as resources
+
+    monkeypatch.setattr(resources, "cluster_resources", lambda: None)
+    monkeypatch.setattr(resources, "local_resources", lambda: {"GPU": 0.0})
     kw = engine_kwargs(EngineConfig())
     assert kw == {"dtype": "bfloat16", "max_model_len": 256, "enforce_eager": True, "tensor_parallel_size": 1,
                   "seed": 0}

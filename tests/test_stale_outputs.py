@@ -5,6 +5,7 @@ Toy stages (no Ray) pin the runner's rules; tests/test_stale_outputs_stages.py r
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import pytest
@@ -98,7 +99,7 @@ def test_large_files_are_checked_by_size_and_mtime_without_reading_them(tmp_path
     assert lineage.fingerprint_input(src) != fp1
 
 
-def test_partial_work_from_other_inputs_is_set_aside_not_resumed(tmp_path):
+def test_partial_work_from_other_inputs_is_set_aside_not_resumed(tmp_path, monkeypatch):
     CALLS.clear()
     src = _corpus(tmp_path / "src", 3)
     cfg = ReadCfg(output_dir=str(tmp_path / "o"), input=str(src))
@@ -106,8 +107,31 @@ def test_partial_work_from_other_inputs_is_set_aside_not_resumed(tmp_path):
     out.mkdir()
     (out / "half-done.parquet").write_text("made from older inputs")
     (out / RUN_MARKER).write_text(json.dumps({"run_id": "old", "config_fingerprint": "x", "inputs": {}}))
+    seen, plain_run = {}, read_run
+
+    def observing_run(c):  # what the new run finds while it runs: the old work beside it, not in its way
+        seen["in_out"] = (out / "half-done.parquet").exists()
+        seen["aside"] = [p.read_text() for p in tmp_path.glob(".o.replaced-*/half-done.parquet")]
+        return plain_run(c)
+
+    monkeypatch.setattr(sys.modules[__name__], "read_run", observing_run)
     run_stage(READ, cfg)
+    assert seen == {"in_out": False, "aside": ["made from older inputs"]}  # moved, not deleted, during the run
     assert not (out / "half-done.parquet").exists() and (out / DONE_MARKER).exists()
+    assert not list(tmp_path.glob(".o.replaced-*"))  # dropped once the new run finished
+
+
+def test_model_refs_are_fingerprinted_without_building_them(tmp_path, monkeypatch):
+    from definemed.models import resolve_model
+    from definemed.models.registry import fingerprint_ref
+
+    built = resolve_model("tiny://qwen2")  # the session's cache: already built
+    assert fingerprint_ref("tiny://qwen2") == "model:" + Path(built).name
+    assert fingerprint_ref("tiny://qwen2@1") != fingerprint_ref("tiny://qwen2")
+    monkeypatch.setenv("DEFINEMED_CACHE", str(tmp_path / "empty-cache"))
+    fp = fingerprint_ref("tiny://mistral")
+    assert fp.startswith("model:mistral-s0-") and fingerprint_ref("real://gemma-3-270m").startswith("model:gemma")
+    assert not (tmp_path / "empty-cache").exists()  # nothing was built or converted to fingerprint them
 
 
 def test_killed_run_with_same_inputs_resumes_in_place_with_its_run_id(tmp_path, monkeypatch):

@@ -71,13 +71,16 @@ def test_real_paths_pass_through(tmp_path):
 
 
 @pytest.mark.integration
-def test_vllm_cpu_engine_generates(vllm_qwen2):
+def test_vllm_cpu_engine_generates_what_the_model_predicts(vllm_qwen2, tiny_qwen2):
+    from tests.hf_check import assert_greedy_tokens_match_transformers
+
     def chat(llm):
         from vllm import SamplingParams
 
         outs = llm.chat([[{"role": "user", "content": "Was ist Bluthochdruck?"}]] * 2,
-                        SamplingParams(max_tokens=8, min_tokens=8, temperature=0))
-        return [list(o.outputs[0].token_ids) for o in outs]
+                        SamplingParams(max_tokens=8, temperature=0))
+        return [(list(o.prompt_token_ids), list(o.outputs[0].token_ids)) for o in outs]
 
-    token_ids = vllm_qwen2(chat)
-    assert len(token_ids) == 2 and all(len(t) == 8 for t in token_ids)
+    (prompt, out), (prompt2, out2) = vllm_qwen2(chat)
+    assert prompt == prompt2 and out == out2  # greedy: the same prompt gives the same tokens
+    assert_greedy_tokens_match_transformers(tiny_qwen2, prompt, out)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import shutil
 from functools import lru_cache
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
@@ -160,17 +161,28 @@ def finalize_shard(inputs: "pd.DataFrame", answers: "pd.DataFrame", model: str, 
     }, columns=list(ANNOTATION_COLUMNS))
 
 
+def parts_dir(ann_dir: Path, i: int) -> Path:
+    """Where a shard's labels land batch by batch until the shard is whole: a killed run keeps them."""
+    return ann_dir / f"shard-{i:05d}.parts"
+
+
 def check_resumable(ann_dir: Path, model: str, prompt_sha: str, output_dir: str) -> None:
-    """Finished shards from another annotator or prompt must not be mixed into this run's labels."""
+    """Labels from another annotator or prompt, in any finished shard or any shard's parts, must not be mixed
+    into this run's labels."""
+    import pyarrow.compute as pc
     import pyarrow.parquet as pq
 
-    for p in sorted(ann_dir.glob("shard-*.parquet"))[:1]:
-        t = pq.read_table(p, columns=["model", "prompt_sha"]).slice(0, 1).to_pylist()
-        if t and (t[0]["model"], t[0]["prompt_sha"]) != (model, prompt_sha):
-            from definemed.config import ConfigError
+    files = sorted(ann_dir.glob("shard-*.parquet")) + sorted(ann_dir.glob("shard-*.parts/*.parquet"))
+    for p in files:
+        t = pq.read_table(p, columns=["model", "prompt_sha"])
+        for col, want in (("model", model), ("prompt_sha", prompt_sha)):
+            other = pc.unique(t.column(col)).to_pylist()
+            if other and other != [want]:
+                from definemed.config import ConfigError
 
-            raise ConfigError(f"invalid config field 'output_dir': {output_dir} holds shards labelled by "
-                              f"{t[0]['model']} (prompt {t[0]['prompt_sha']}); choose a new output_dir")
+                found = next(v for v in other if v != want)
+                raise ConfigError(f"invalid config field 'output_dir': {output_dir} holds labels in {p.name} by "
+                                  f"another {col.replace('_', ' ')} ({found}); choose a new output_dir")
 
 
 def pending_shards(sample_dir: Path, ann_dir: Path) -> list[int]:
@@ -178,11 +190,17 @@ def pending_shards(sample_dir: Path, ann_dir: Path) -> list[int]:
     return [int(p.stem.split("-")[1]) for p in sorted(sample_dir.glob("shard-*.parquet")) if p.name not in done]
 
 
+def _drop_ids(batch: "pd.DataFrame", ids: frozenset) -> "pd.DataFrame":
+    return batch[~batch["id"].isin(ids)]
+
+
 def annotate_shards(sample_dir: Path, ann_dir: Path, labeler: Callable, model: str, prompt_version: str,
                     max_shards: int | None = None) -> dict[str, int]:
-    """Label every pending shard; a shard's file appears (atomically) once all its rows are labelled.
+    """Label every pending shard. Each batch of answers is written at once to its shard's parts directory; a
+    shard's file appears (atomically) once all its rows are labelled, and its parts are then removed. A rerun
+    skips finished shards and sends only the rows without an answer in the parts to the labeler.
 
-    `max_shards` stops after that many shards: what an interrupted run leaves behind (tests, smoke runs).
+    `max_shards` stops after that many shards (smoke runs).
     """
     import pandas as pd
     import pyarrow as pa
@@ -194,31 +212,51 @@ def annotate_shards(sample_dir: Path, ann_dir: Path, labeler: Callable, model: s
 
     ann_dir.mkdir(parents=True, exist_ok=True)
     todo = pending_shards(sample_dir, ann_dir)
-    stats = {"skipped_shards": len(list(ann_dir.glob("shard-*.parquet"))), "labelled_shards": 0}
+    stats = {"skipped_shards": len(list(ann_dir.glob("shard-*.parquet"))), "labelled_shards": 0,
+             "resumed_rows": 0}
     if not todo:
         return stats
     _, sha = load_prompt(prompt_version)
     files = [str(sample_dir / shard_name(i)) for i in todo]
     inputs = {i: pq.read_table(f, columns=["id", "shard"]).to_pandas() for i, f in zip(todo, files)}
-    ds = ray.data.read_parquet(files).select_columns(["id", "shard", "text"])
-    out = labeler(ds)
     buffers: dict[int, list[pd.DataFrame]] = {i: [] for i in todo}
-    have = {i: 0 for i in todo}
-    bar = tqdm(total=sum(len(v) for v in inputs.values()), desc="annotate", unit="doc")
-    for batch in out.iter_batches(batch_format="pandas", batch_size=None):
-        bar.update(len(batch))
-        for shard, g in batch.groupby("shard"):
-            shard = int(shard)
-            buffers[shard].append(g)
-            have[shard] += len(g)
-            if have[shard] == len(inputs[shard]):
-                df = finalize_shard(inputs[shard], pd.concat(buffers.pop(shard), ignore_index=True), model,
-                                    prompt_version, sha)
-                write_parquet_atomic(pa.Table.from_pandas(df, preserve_index=False), ann_dir / shard_name(shard))
-                stats["labelled_shards"] += 1
-                if max_shards is not None and stats["labelled_shards"] >= max_shards:
-                    bar.close()
-                    return stats
+    for i in todo:  # answers a killed run already saved
+        for p in sorted(parts_dir(ann_dir, i).glob("*.parquet")):
+            buffers[i].append(pd.read_parquet(p).drop(columns=["model", "prompt_sha"]))
+    have = {i: sum(len(b) for b in buffers[i]) for i in todo}
+    stats["resumed_rows"] = sum(have.values())
+
+    def finish(shard: int) -> None:
+        df = finalize_shard(inputs[shard], pd.concat(buffers.pop(shard), ignore_index=True), model,
+                            prompt_version, sha)
+        write_parquet_atomic(pa.Table.from_pandas(df, preserve_index=False), ann_dir / shard_name(shard))
+        shutil.rmtree(parts_dir(ann_dir, shard), ignore_errors=True)
+        stats["labelled_shards"] += 1
+
+    for i in [i for i in todo if have[i] == len(inputs[i])]:  # killed between its last part and its file
+        finish(i)
+    bar = tqdm(total=sum(len(v) for v in inputs.values()), initial=stats["resumed_rows"], desc="annotate",
+               unit="doc")
+    if buffers:
+        ds = ray.data.read_parquet([str(sample_dir / shard_name(i)) for i in buffers]).select_columns(
+            ["id", "shard", "text"])
+        done_ids = frozenset(str(x) for b in buffers.values() for part in b for x in part["id"])
+        if done_ids:
+            ds = ds.map_batches(_drop_ids, batch_format="pandas", fn_kwargs={"ids": done_ids})
+        for batch in labeler(ds).iter_batches(batch_format="pandas", batch_size=None):
+            bar.update(len(batch))
+            for shard, g in batch.groupby("shard"):
+                shard = int(shard)
+                g = g.reset_index(drop=True)
+                part = pa.Table.from_pandas(g.assign(model=model, prompt_sha=sha), preserve_index=False)
+                write_parquet_atomic(part, parts_dir(ann_dir, shard) / f"part-{have[shard]:07d}.parquet")
+                buffers[shard].append(g)
+                have[shard] += len(g)
+                if have[shard] == len(inputs[shard]):
+                    finish(shard)
+                    if max_shards is not None and stats["labelled_shards"] >= max_shards:
+                        bar.close()
+                        return stats
     bar.close()
     missing = [i for i in todo if i in buffers]
     if missing:

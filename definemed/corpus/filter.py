@@ -2,17 +2,22 @@
 score >= threshold, then exact dedup, fuzzy dedup (MinHash LSH), decontamination and PII redaction; write
 FineMed-de and its stats.
 
-Everything streams: the driver never holds the corpus or the kept set and nothing is materialised. Each pass
-writes one Parquet file per block into a temporary directory that is renamed into place when the pass
-succeeds (atomic at the directory level), and returns one row of stats per block, which the driver sums.
-Document counts come from the Parquet footers.
+Everything streams: the driver never holds the corpus or the kept set and nothing is materialised. Document
+counts come from the Parquet footers.
 
-  A. source -> ingest/quarantine -> Scorer actor pool -> `scored/` (id, score, words for every document; text
-     only where kept, so the not-kept 98% costs a few bytes a row and re-thresholding upward needs no rescoring)
+  A. source parts -> ingest/quarantine -> Scorer actor pool -> `scored/` (id, score, words for every document;
+     text only where kept, so the not-kept 98% costs a few bytes a row and re-thresholding upward needs no
+     rescoring). The hours-long pass is crash-safe the way datatrove's and NeMo Curator's tasks are: the source
+     is cut into numbered parts from the Parquet footers; each part is one task that writes its output part
+     (`part-<index>.parquet`, atomically) and then its completion marker (`_parts/part-<index>.json`, with its
+     stats). A rerun with the same key scores only the parts without a marker; reading the parts in index order
+     gives the rows of an uninterrupted run in the same order.
   B. `scored/` kept rows -> exact dedup (hash shuffle) -> `deduped/`
   C. `deduped/` -> MinHash LSH -> near-duplicate set (the only thing collected on the driver: documents that
      have a near-duplicate) -> drop, decontaminate, redact PII -> `finemed_de/` (text, score, id) + stats.
-A killed job resumes at B when `scored/` is complete for the same source, classifier and threshold.
+B and C write one Parquet file per block into a temporary directory renamed into place when the pass succeeds,
+and return one row of stats per block, which the driver sums. A killed job resumes A where it stopped, and
+B and C from their start (they cost a fraction of A).
 """
 from __future__ import annotations
 
@@ -62,20 +67,64 @@ def mark_kept(batch: "pa.Table", threshold: float) -> "pa.Table":
                      "text": pc.if_else(kept, text, pa.scalar(None, pa.string()))}, schema=scored_schema())
 
 
-def scorer_stage(ds: "ray.data.Dataset", model_dir: str, cfg: FilterConfig) -> "ray.data.Dataset":
-    """The autoscaling actor pool: Ray Data adds actors (up to max_actors) while the pool is the bottleneck and
-    removes idle ones down to min_actors."""
+class PartScorer:
+    """Scores whole source parts (one descriptor row each): read, quarantine, score in batches, write the output
+    part, then its completion marker. The marker is written last, so a part killed half-way has none and is
+    scored again from its start. A callable class so the model loads once per actor of the pool."""
+
+    def __init__(self, source_path: str, read: list[str], rename: dict[str, str], out_dir: str, quarantine_dir: str,
+                 threshold: float, max_chars: int, batch_size: int, model_dir: str | None = None, **scorer_kw):
+        from definemed.corpus.score import Scorer
+
+        self.scorer = Scorer(model_dir, **scorer_kw) if model_dir else None
+        self.source_path, self.read, self.rename = source_path, read, rename
+        self.out_dir, self.quarantine_dir = out_dir, quarantine_dir
+        self.threshold, self.max_chars, self.batch_size = threshold, max_chars, batch_size
+
+    def _score(self, table: "pa.Table") -> "pa.Table":
+        import pyarrow as pa
+
+        from definemed.corpus.score import keyword_score
+
+        if self.scorer is None:
+            return keyword_score(table)
+        texts = table.column("text").to_pylist()
+        scores = [s for i in range(0, len(texts), self.batch_size)
+                  for s in self.scorer.score_texts(texts[i:i + self.batch_size])]
+        return table.append_column("score", pa.array(scores, type=pa.float64()))
+
+    def __call__(self, batch: "pa.Table") -> "pa.Table":
+        import pyarrow as pa
+
+        from definemed.corpus.ingest import quarantine_batch
+        from definemed.data.loaders import read_web_part
+
+        rows = []
+        for part in batch.to_pylist():
+            table = read_web_part(self.source_path, part, self.read, self.rename)
+            good = quarantine_batch(table, self.quarantine_dir, self.max_chars, name=part_file(part["index"]))
+            scored = mark_kept(self._score(good), self.threshold)
+            rows.append({**write_scored(scored, self.out_dir, part_file(part["index"])),
+                         "read": table.num_rows, "quarantined": table.num_rows - good.num_rows})
+            mark_part_done(self.out_dir, part["index"], rows[-1])
+        return pa.Table.from_pylist(rows)
+
+
+def scorer_stage(ds: "ray.data.Dataset", cfg: FilterConfig, **part_kw) -> "ray.data.Dataset":
+    """The autoscaling actor pool over part descriptors: Ray Data adds actors (up to max_actors) while the pool is
+    the bottleneck and removes idle ones down to min_actors."""
     from ray.data import ActorPoolStrategy
 
-    from definemed.corpus.score import Scorer, keyword_score
-
+    part_kw.update(threshold=cfg.threshold, max_chars=cfg.max_text_chars, batch_size=cfg.batch_size)
     if cfg.scorer == "keywords":
-        return ds.map_batches(keyword_score, batch_format="pyarrow")
+        return ds.map_batches(PartScorer, batch_size=1, batch_format="pyarrow", fn_constructor_kwargs=part_kw,
+                              compute=ActorPoolStrategy(min_size=cfg.min_actors, max_size=cfg.max_actors))
     threads = cfg.torch_threads or max(1, int(cfg.num_cpus_per_actor))
-    return ds.map_batches(Scorer, batch_size=cfg.batch_size, batch_format="pyarrow",
+    return ds.map_batches(PartScorer, batch_size=1, batch_format="pyarrow",
                           compute=ActorPoolStrategy(min_size=cfg.min_actors, max_size=cfg.max_actors),
-                          fn_constructor_kwargs={"model_dir": model_dir, "max_length": cfg.max_length,
-                                                 "torch_threads": threads, "micro_batch": cfg.micro_batch},
+                          fn_constructor_kwargs={**part_kw, "model_dir": str(Path(cfg.classifier).resolve()),
+                                                 "max_length": cfg.max_length, "torch_threads": threads,
+                                                 "micro_batch": cfg.micro_batch},
                           num_cpus=cfg.num_cpus_per_actor, num_gpus=cfg.num_gpus_per_actor or None)
 
 
@@ -109,24 +158,26 @@ def _stats_row(**counts: int) -> "pa.Table":
     return pa.table({k: pa.array([int(v)], type=pa.int64()) for k, v in counts.items()})
 
 
-def sum_stats(blocks: Iterable["pa.Table"]) -> dict[str, int]:
-    """Sum the per-block stats rows; the driver sees one small row per block, never the data."""
+def sum_stats(rows: Iterable[dict[str, int]]) -> dict[str, int]:
     total: dict[str, int] = {}
-    for b in blocks:
-        for k in b.column_names:
-            total[k] = total.get(k, 0) + int(sum(v or 0 for v in b.column(k).to_pylist()))
+    for r in rows:
+        for k, v in r.items():
+            total[k] = total.get(k, 0) + int(v or 0)
     return total
 
 
-def run_blocks(ds: "ray.data.Dataset", progress: Callable[[int], None] | None = None) -> dict[str, int]:
-    """Execute a pipeline that ends in a per-block writer; `progress(docs)` is called as each block lands."""
+def run_blocks(ds: "ray.data.Dataset", progress: Callable[[int], None] | None = None,
+               count: str = "docs") -> dict[str, int]:
+    """Execute a pipeline that ends in a per-block writer; `progress(n)` is called as each block lands, with the
+    sum of its `count` column."""
     def blocks():
         for b in ds.iter_batches(batch_format="pyarrow", batch_size=None):
             if progress is not None:
-                progress(int(sum(b.column("docs").to_pylist())) if "docs" in b.column_names else 0)
+                progress(int(sum(b.column(count).to_pylist())) if count in b.column_names else 0)
             yield b
 
-    return sum_stats(blocks())
+    # the driver sees one small stats row per block, never the data
+    return sum_stats(row for b in blocks() for row in b.to_pylist())
 
 
 def parquet_counts(path: Path, null_column: str | None = None) -> tuple[int, int]:
@@ -152,16 +203,16 @@ def parquet_counts(path: Path, null_column: str | None = None) -> tuple[int, int
     return rows, nulls
 
 
-def write_scored(batch: "pa.Table", out_dir: str) -> "pa.Table":
+def write_scored(batch: "pa.Table", out_dir: str, name: str) -> dict[str, int]:
+    """One output part, written even when empty: every input part has exactly one."""
     import pyarrow.compute as pc
 
     kept = pc.is_valid(batch.column("text"))
     words = batch.column("words")
-    if batch.num_rows:
-        _write(batch, out_dir, part_name(batch))
-    return _stats_row(docs=batch.num_rows, words=pc.sum(words).as_py() or 0,
-                      kept_docs=pc.sum(kept.cast("int64")).as_py() or 0,
-                      kept_words=pc.sum(pc.if_else(kept, words, 0)).as_py() or 0)
+    _write(batch, out_dir, name)
+    return {"docs": batch.num_rows, "words": pc.sum(words).as_py() or 0,
+            "kept_docs": pc.sum(kept.cast("int64")).as_py() or 0,
+            "kept_words": pc.sum(pc.if_else(kept, words, 0)).as_py() or 0}
 
 
 def write_rows(batch: "pa.Table", out_dir: str) -> "pa.Table":
@@ -220,22 +271,67 @@ def drop_docs(batch: "pa.Table", removed) -> "pa.Table":
 # ------------------------------------------------------------------------------------------------ the passes
 
 
+PARTS_DIR = "_parts"  # completion markers, one per finished part, each holding the part's stats
+SCORE_KEY = "_KEY.json"  # what the parts were scored with; a dir with another key is scored afresh
+
+
+def part_file(index: int) -> str:
+    return f"part-{index:06d}.parquet"
+
+
+def mark_part_done(out_dir: str, index: int, stats: dict[str, int]) -> None:
+    from definemed.io import atomic_write_json
+
+    atomic_write_json(Path(out_dir) / PARTS_DIR / f"part-{index:06d}.json", stats)
+
+
+def done_parts(out_dir: Path) -> dict[int, dict[str, int]]:
+    """Stats of every finished part, by index."""
+    return {int(p.stem.split("-")[1]): json.loads(p.read_text(encoding="utf-8"))
+            for p in sorted((Path(out_dir) / PARTS_DIR).glob("part-*.json"))}
+
+
 def score_pass(cfg: FilterConfig, scored_dir: Path, quarantine_dir: Path, key: dict[str, Any] | None = None,
                progress: Callable[[int], None] | None = None) -> dict:
-    from definemed.corpus.ingest import read_valid, reset_quarantine
-    from definemed.io import atomic_dir, atomic_write_json
+    """Score every part of the source not yet done in `scored_dir`; return the summed stats of all parts, with
+    `parts`, `parts_reused` and `docs_scored_now` (what this call scored) added."""
+    import ray.data
 
-    reset_quarantine(str(quarantine_dir))
-    ds = read_valid(cfg.source, str(quarantine_dir), cfg.max_text_chars)
-    # Streaming split (no shuffle): Parquet files can be one block each, more than an actor's fair share.
-    ds = ds.repartition(target_num_rows_per_block=cfg.block_rows)
-    ds = scorer_stage(ds, str(Path(cfg.classifier).resolve()), cfg)
-    ds = ds.map_batches(mark_kept, batch_format="pyarrow", fn_kwargs={"threshold": cfg.threshold})
-    with atomic_dir(scored_dir, overwrite=True) as tmp:
-        stats = run_blocks(ds.map_batches(write_scored, batch_format="pyarrow", batch_size=None,
-                                          fn_kwargs={"out_dir": str(tmp)}), progress)
-        atomic_write_json(tmp / "_STATS.json", stats)
-        atomic_write_json(tmp / "_SCORED.json", key or score_key(cfg))
+    from definemed.corpus.ingest import reset_quarantine
+    from definemed.data.loaders import plan_web_parts
+    from definemed.io import atomic_write_json
+
+    plan = plan_web_parts(cfg.source, cfg.block_rows)
+    # The plan is part of the key: a changed source or part size means other parts, never a mix.
+    key = json.loads(json.dumps({**(key or score_key(cfg)), "parts": len(plan["parts"]),
+                                 "rows_per_part": cfg.block_rows, "files": plan["files"]}))  # as read back
+    key_file = scored_dir / SCORE_KEY
+    if not (key_file.exists() and json.loads(key_file.read_text(encoding="utf-8")) == key):
+        shutil.rmtree(scored_dir, ignore_errors=True)
+        reset_quarantine(str(quarantine_dir))
+        (scored_dir / PARTS_DIR).mkdir(parents=True)
+        atomic_write_json(key_file, key)
+    done = done_parts(scored_dir)
+    todo = [p for p in plan["parts"] if p["index"] not in done]
+    if done:
+        log.warning("[filter] resuming the scoring pass: %d of %d parts already scored in %s", len(done),
+                    len(plan["parts"]), scored_dir)
+        if progress is not None:
+            progress(sum(d["read"] for d in done.values()))
+    quarantine_dir.mkdir(parents=True, exist_ok=True)
+    now: dict[str, int] = {}
+    if todo:
+        ds = ray.data.from_items(todo, override_num_blocks=len(todo))
+        ds = scorer_stage(ds, cfg, source_path=cfg.source.path, read=plan["read"], rename=plan["rename"],
+                          out_dir=str(scored_dir), quarantine_dir=str(quarantine_dir))
+        now = run_blocks(ds, progress, count="read")
+    stats = sum_stats(done_parts(scored_dir).values())
+    missing = len(plan["parts"]) - len(done_parts(scored_dir))
+    if missing:
+        raise RuntimeError(f"the scoring pass ended with {missing} parts unscored; re-run to resume them")
+    stats.update(parts=len(plan["parts"]), parts_reused=len(done), docs_scored_now=now.get("docs", 0))
+    atomic_write_json(scored_dir / "_STATS.json", stats)
+    atomic_write_json(scored_dir / "_SCORED.json", key)
     return stats
 
 

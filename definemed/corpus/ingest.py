@@ -70,17 +70,18 @@ def write_table(table, path: str) -> None:
     write_parquet_atomic(table, path.removeprefix("file://"))
 
 
-def _write_quarantine(bad: "pd.DataFrame", quarantine_dir: str) -> None:
+def _write_quarantine(bad: "pd.DataFrame", quarantine_dir: str, name: str | None = None) -> None:
     import pyarrow as pa
 
-    h = hashlib.sha1(bad.to_json(orient="records").encode("utf-8")).hexdigest()[:20]
+    if name is None:
+        name = f"part-{hashlib.sha1(bad.to_json(orient='records').encode('utf-8')).hexdigest()[:20]}.parquet"
     schema = pa.schema([(c, pa.string()) for c in QUARANTINE_COLUMNS])
-    write_table(pa.Table.from_pandas(bad, schema=schema, preserve_index=False),
-                f"{quarantine_dir.rstrip('/')}/part-{h}.parquet")
+    write_table(pa.Table.from_pandas(bad, schema=schema, preserve_index=False), f"{quarantine_dir.rstrip('/')}/{name}")
 
 
-def quarantine_batch(batch, quarantine_dir: str, max_chars: int):
-    """Ray Data map_batches step: returns the good rows, writes the bad ones.
+def quarantine_batch(batch, quarantine_dir: str, max_chars: int, name: str | None = None):
+    """Ray Data map_batches step: returns the good rows, writes the bad ones (to `name`, or a name hashed from
+    them).
 
     Arrow batches (the pipeline) stay Arrow: only the text and id columns are read row by row (the one rule,
     `malformed_reason`), a batch without bad rows passes through unchanged, and only bad rows ever become
@@ -92,7 +93,7 @@ def quarantine_batch(batch, quarantine_dir: str, max_chars: int):
     if not isinstance(batch, pa.Table):
         good, bad = split_batch(batch, max_chars)
         if len(bad):
-            _write_quarantine(bad, quarantine_dir)
+            _write_quarantine(bad, quarantine_dir, name)
         return good
     n = batch.num_rows
     ids = batch.column("id").to_pylist() if "id" in batch.column_names else [None] * n
@@ -100,7 +101,7 @@ def quarantine_batch(batch, quarantine_dir: str, max_chars: int):
     if not all(ok):
         mask = pa.array(ok, type=pa.bool_())
         _, bad = split_batch(batch.filter(pc.invert(mask)).to_pandas(), max_chars)
-        _write_quarantine(bad, quarantine_dir)
+        _write_quarantine(bad, quarantine_dir, name)
         batch = batch.filter(mask)
     text_type = batch.schema.field("text").type
     if pa.types.is_binary(text_type) or pa.types.is_large_binary(text_type):  # good rows are valid UTF-8

@@ -89,7 +89,9 @@ def run_annotate(cfg: AnnotateConfig, max_shards: int | None = None, labeler=Non
     annotate.check_resumable(ann_dir, model, annotate.load_prompt(cfg.prompt_version)[1], cfg.output_dir)
     run = annotate.annotate_shards(sample_dir, ann_dir, labeler or annotate.build_labeler(cfg), model,
                                    cfg.prompt_version, max_shards=max_shards)
-    _say(f"[annotate] shards: {run['labelled_shards']} labelled now, {run['skipped_shards']} already done")
+    _say(f"[annotate] shards: {run['labelled_shards']} labelled now, {run['skipped_shards']} already done"
+         + (f"; {run['resumed_rows']} labels kept from a killed run's unfinished shards" if run["resumed_rows"]
+            else ""))
     outputs = {"sample": str(sample_dir), "annotations": str(ann_dir), "quarantine": str(q_dir)}
     if annotate.pending_shards(sample_dir, ann_dir):
         return outputs  # interrupted on purpose (max_shards); the next run resumes
@@ -173,28 +175,27 @@ def run_classify(cfg: ClassifyConfig, shuffle_labels: bool = False) -> dict[str,
 
 
 def run_filter(cfg: FilterConfig) -> dict[str, str]:
+    from tqdm import tqdm
+
     from definemed.corpus import filter as filt
     from definemed.corpus.ingest import quarantine_counts
+    from definemed.data.loaders import count_web_rows
     from definemed.io import atomic_write_json, atomic_write_text
 
     out = Path(cfg.output_dir)
     scored, q_dir = out / "scored", out / "quarantine"
-    key = filt.score_key(cfg)
-    marker = scored / "_SCORED.json"
-    if (marker.exists() and (scored / "_STATS.json").exists()
-            and json.loads(marker.read_text(encoding="utf-8")) == key):
-        _say(f"[filter] reusing scores in {scored}")
-    else:  # absent, or left by a killed run with another source/classifier/threshold
-        from tqdm import tqdm
 
-        from definemed.data.loaders import count_web_rows
-
-        with tqdm(total=count_web_rows(cfg.source), desc="[filter] scoring", unit="doc") as bar:
-            filt.score_pass(cfg, scored, q_dir, key, progress=bar.update)
+    # Resumes by itself: only parts without a completion marker are scored (a different key starts afresh).
+    with tqdm(total=count_web_rows(cfg.source), desc="[filter] scoring", unit="doc") as bar:
+        scored_stats = filt.score_pass(cfg, scored, q_dir, filt.score_key(cfg), progress=bar.update)
+    if scored_stats["parts_reused"]:
+        _say(f"[filter] resumed: {scored_stats['parts_reused']} of {scored_stats['parts']} parts were already "
+             f"scored in {scored}; scored {scored_stats['docs_scored_now']} documents now")
     stats = filt.clean_pass(cfg, scored, out)
     q = quarantine_counts(str(q_dir))
     note = filt.demo_note(cfg.classifier, stats["scored_docs"] + q.get("total", 0), cfg.scorer)
     table, md = filt.stats_table(stats, q, cfg.threshold, note=note or None)
+    stats["scoring"] = {k: scored_stats[k] for k in ("parts", "parts_reused", "docs_scored_now")}
     atomic_write_json(out / "stats.json", {**table, "steps": stats, "quarantine": q,
                                            "threshold": cfg.threshold,
                                            "actors": {"min": cfg.min_actors, "max": cfg.max_actors}})

@@ -86,6 +86,20 @@ def fs_path(f: str, fs: Any) -> str:
     return fsspec.core.strip_protocol(f) if fs is not None else f
 
 
+def parquet_files(path: str) -> tuple[list[str], Any]:
+    """Sorted Parquet files (local dir / glob / file, or fsspec URI) and the fsspec filesystem (None = local)."""
+    return resolve_files(path, (".parquet",))
+
+
+def arrow_paths(files: list[str], fs: Any) -> tuple[list[str], Any]:
+    """Paths and pyarrow filesystem for Arrow/Ray readers (fsspec URIs go through pyarrow's fsspec handler)."""
+    if fs is None:
+        return files, None
+    from pyarrow.fs import FSSpecHandler, PyFileSystem
+
+    return [fs_path(f, fs) for f in files], PyFileSystem(FSSpecHandler(fs))
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # web documents
 
@@ -184,6 +198,60 @@ def read_web_ray(cfg: WebSourceConfig, **read_kwargs: Any) -> "ray.data.Dataset"
     return ds
 
 
+def _footer(f: str, fs: Any):
+    import pyarrow.parquet as pq
+
+    if fs is None:
+        return pq.ParquetFile(f).metadata
+    with fs.open(fs_path(f, fs), "rb") as fh:
+        return pq.ParquetFile(fh).metadata
+
+
+def plan_web_parts(cfg: WebSourceConfig, rows_per_part: int) -> dict[str, Any]:
+    """Cut the source into numbered parts of at most `rows_per_part` consecutive rows of one file, from the
+    Parquet footers only: the unit of work and of resume for a pass that must survive a kill. The plan is a
+    pure function of the files and their row counts, so a rerun over the same source finds the same parts.
+
+    Returns {"parts": [{"index", "file", "start", "stop"}], "read": columns, "rename": map, "files": [(file,
+    rows)]}; `read_web_part` reads one part with it."""
+    files, fs = resolve_files(cfg.path, (".parquet",))
+    read, rename = _plan_web_columns(cfg, files, fs)
+    parts: list[dict[str, Any]] = []
+    sizes: list[tuple[str, int]] = []
+    left = cfg.limit if cfg.limit is not None else float("inf")
+    for f in files:
+        n = int(min(_footer(f, fs).num_rows, left))
+        sizes.append((f, n))
+        left -= n
+        for start in range(0, n, rows_per_part):
+            parts.append({"index": len(parts), "file": f, "start": start, "stop": min(n, start + rows_per_part)})
+        if left <= 0:
+            break
+    return {"parts": parts, "read": read, "rename": rename, "files": sizes}
+
+
+def read_web_part(path: str, part: dict[str, Any], read: list[str], rename: dict[str, str]):
+    """Rows [start, stop) of one part's file as a pyarrow Table with our column names; only the row groups that
+    hold them are read. `path` is the source's configured path (it gives the filesystem)."""
+    import fsspec
+    import pyarrow.parquet as pq
+
+    fs = fsspec.core.url_to_fs(path)[0] if _is_remote(path) else None
+    f = part["file"]
+    with (fs.open(fs_path(f, fs), "rb") if fs is not None else open(f, "rb")) as fh:
+        pf = pq.ParquetFile(fh)
+        groups, first, at = [], None, 0
+        for g in range(pf.metadata.num_row_groups):
+            n = pf.metadata.row_group(g).num_rows
+            if at < part["stop"] and at + n > part["start"]:
+                groups.append(g)
+                first = at if first is None else first
+            at += n
+        table = pf.read_row_groups(groups, columns=read)
+    table = table.slice(part["start"] - (first or 0), part["stop"] - part["start"])
+    return table.rename_columns([rename.get(c, c) for c in table.column_names])
+
+
 def count_web_rows(cfg: WebSourceConfig) -> int:
     """Row count from the Parquet footers only (no data read), e.g. for a progress bar's total.
 
@@ -193,13 +261,7 @@ def count_web_rows(cfg: WebSourceConfig) -> int:
     import pyarrow.parquet as pq
 
     files, fs = resolve_files(cfg.path, (".parquet",))
-    n = 0
-    for f in files:
-        if fs is None:
-            n += pq.ParquetFile(f).metadata.num_rows
-        else:
-            with fs.open(fs_path(f, fs), "rb") as fh:
-                n += pq.ParquetFile(fh).metadata.num_rows
+    n = sum(_footer(f, fs).num_rows for f in files)
     return n if cfg.limit is None else min(n, cfg.limit)
 
 

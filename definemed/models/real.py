@@ -132,14 +132,14 @@ def real_spec(ref: str) -> RealSpec:
 
 
 def converted_dir(spec: RealSpec) -> Path:
-    from definemed.models.registry import cache_root
+    from definemed.cache import cache_root
 
     return cache_root() / "real" / f"{spec.name}-{spec.sha256[:12]}-v{CONVERT_VERSION}"
 
 
 def resolve_real(ref: str, force: bool = False) -> Path:
     """The converted directory of `ref`, converting it under a file lock on first use."""
-    from definemed.models.registry import build_once
+    from definemed.cache import build_once
 
     spec = real_spec(ref)
     return build_once(converted_dir(spec), lambda out: convert(spec, out, overwrite=force), force=force)

@@ -16,25 +16,6 @@ REAL_PREFIX = "real://"
 TINY_MARKER = "TINY_MODEL.md"
 
 
-def cache_root() -> Path:
-    root = os.environ.get("DEFINEMED_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "definemed")
-    return Path(root)
-
-
-def build_once(out: Path, build, force: bool = False) -> Path:
-    """`out` if it exists, else `build(out)` under a file lock, so concurrent processes (Ray workers, parallel
-    tests) build a cached model once and the others wait for it."""
-    from filelock import FileLock
-
-    if out.exists() and not force:
-        return out
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with FileLock(str(out) + ".lock"):
-        if not out.exists() or force:
-            build(out)
-    return out
-
-
 def is_tiny_ref(ref: str) -> bool:
     return str(ref).startswith(TINY_PREFIX)
 
@@ -43,6 +24,29 @@ def parse_tiny_ref(ref: str) -> tuple[str, int]:
     body = str(ref)[len(TINY_PREFIX):]
     name, _, seed = body.partition("@")
     return name, int(seed) if seed else 0
+
+
+def model_dir(ref: str) -> Path:
+    """The cache directory a tiny:// or real:// reference resolves to, without building or converting it."""
+    if is_tiny_ref(ref):
+        from definemed.models.tiny import tiny_dir
+
+        return tiny_dir(*parse_tiny_ref(ref))
+    from definemed.models.real import converted_dir, real_spec
+
+    return converted_dir(real_spec(ref))
+
+
+def fingerprint_ref(value: str | os.PathLike) -> str:
+    """`lineage.fingerprint_input`, except that a tiny:// or real:// model is known by the cache directory it
+    resolves to, whose name encodes everything its weights depend on (spec, seed and tokenizer corpus; package
+    sha256 and converter version): no model is built to fingerprint a stage's inputs."""
+    from definemed.lineage import fingerprint_input
+
+    s = str(value)
+    if is_tiny_ref(s) or s.startswith(REAL_PREFIX):
+        return "model:" + model_dir(s).name
+    return fingerprint_input(s)
 
 
 def resolve_model(ref: str | os.PathLike) -> str:

@@ -11,7 +11,7 @@ import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from definemed.models.registry import build_once, cache_root
+from definemed.cache import build_once, cache_root
 
 QWEN_CHAT_TEMPLATE = (
     "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}"
@@ -129,6 +129,13 @@ def _model_config(spec: TinySpec, tok):
                             torch_dtype="float32")
 
 
+def tiny_dir(name: str, seed: int = 0) -> Path:
+    """Where tiny model `name` is (or will be) cached: the name carries its fingerprint."""
+    if name not in SPECS:
+        raise ValueError(f"unknown tiny model '{name}', choose one of {sorted(SPECS)}")
+    return cache_root() / "tiny" / f"{name}-s{seed}-{_fingerprint(name, seed, SPECS[name], tokenizer_corpus())}"
+
+
 def build_tiny_model(name: str, seed: int = 0, force: bool = False) -> Path:
     """Return the cached directory of tiny model `name`, building it under a file lock if needed."""
     import torch
@@ -136,11 +143,9 @@ def build_tiny_model(name: str, seed: int = 0, force: bool = False) -> Path:
 
     from definemed.io import atomic_dir
 
-    if name not in SPECS:
-        raise ValueError(f"unknown tiny model '{name}', choose one of {sorted(SPECS)}")
+    out = tiny_dir(name, seed)
     spec = SPECS[name]
     texts = tokenizer_corpus()
-    out = cache_root() / "tiny" / f"{name}-s{seed}-{_fingerprint(name, seed, spec, texts)}"
 
     def build(out: Path) -> None:
         # The tokenizer depends only on the corpus, so all seeds of one family share a vocabulary (merge needs it).

@@ -125,12 +125,6 @@ class Worker:
     out: Path
 
 
-def _scalar(t) -> float:
-    from torch.distributed.tensor import DTensor
-
-    return float(t.full_tensor() if isinstance(t, DTensor) else t)
-
-
 def setup_worker(loop: dict[str, Any]) -> Worker:
     import ray.train
     import ray.train.torch
@@ -216,35 +210,6 @@ def maybe_inject_fault(w: Worker, n: int) -> None:
         os._exit(1)  # a hard crash, not an exception: the worker process is gone
 
 
-def train_step(w: Worker, model, optimizer, scheduler, micro, hsdp: bool) -> dict[str, Any]:
-    """One optimizer step over this worker's grad_accum micro-batches; the loss is normalised by the target
-    tokens of the whole global batch."""
-    import torch
-    import torch.distributed as dist
-
-    from definemed.train.loss import count_targets, forward_logits, loss_sum
-
-    n_targets = torch.tensor(float(sum(count_targets(mb.labels) for mb in micro)), device=w.device)
-    dist.all_reduce(n_targets)
-    loss_acc = torch.zeros((), device=w.device)
-    for m, mb in enumerate(micro):
-        if hsdp:  # reduce-scatter every micro-batch, all-reduce across replicas once per step
-            model.set_requires_all_reduce(m == len(micro) - 1)
-        logits = forward_logits(model, mb.input_ids.to(w.device), mb.position_ids.to(w.device))
-        ls, _ = loss_sum(logits, mb.labels.to(w.device))
-        # FSDP averages gradients over the `world` replicas: scale so the result is sum / global targets.
-        (ls * w.world / n_targets).backward()
-        loss_acc += ls.detach()
-    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), w.cfg.optim.max_grad_norm)
-    lr = optimizer.param_groups[0]["lr"]  # the lr this step used
-    optimizer.step()
-    scheduler.step()
-    optimizer.zero_grad(set_to_none=True)
-    dist.all_reduce(loss_acc)
-    return {"loss": float(loss_acc / n_targets), "lr": lr, "grad_norm": _scalar(grad_norm),
-            "target_tokens_step": int(n_targets)}
-
-
 def log_step(w: Worker, n: int, metrics: dict[str, Any], seq_ids, resumed_from, extra: dict[str, Any], mlog):
     import json
 
@@ -265,6 +230,7 @@ def train_loop_per_worker(loop: dict[str, Any]) -> None:
     from definemed.train.checkpoint import report_with_checkpoint
     from definemed.train.dataloader import PackedDataLoader
     from definemed.train.metrics import METRICS_FILE, MetricsLog, device_peak_flops, step_metrics
+    from definemed.train.step import train_step
 
     w = setup_worker(loop)
     cfg = w.cfg
@@ -283,7 +249,8 @@ def train_loop_per_worker(loop: dict[str, Any]) -> None:
         t0 = time.perf_counter()
         micro = loader.step_batches(step)
         before = replica_all_reduces[0] if replica_all_reduces else 0
-        res = train_step(w, model, optimizer, scheduler, micro, hsdp=replica_all_reduces is not None)
+        res = train_step(model, optimizer, scheduler, micro, device=w.device, world=w.world,
+                         max_grad_norm=cfg.optim.max_grad_norm, hsdp=replica_all_reduces is not None)
         seq_ids: list[list[int]] = [None] * w.world  # type: ignore[list-item]
         dist.all_gather_object(seq_ids, [mb.seq_id for mb in micro])
         metrics = step_metrics(step=n, step_time_s=time.perf_counter() - t0, tokens_step=tokens_step,

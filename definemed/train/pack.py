@@ -23,6 +23,7 @@ from pydantic import Field
 
 from definemed.config import InputPath, StageConfig
 from definemed.corpus.malformed import malformed_reason
+from definemed.data.loaders import arrow_paths, parquet_files
 from definemed.models.registry import ModelRef
 from definemed.train.split import HeldoutConfig
 
@@ -228,13 +229,6 @@ def pack_batch(batch, seq_len: int, pad_id: int, bos_id: int | None = None):
     })
 
 
-def input_files(path: str) -> tuple[list[str], Any]:
-    """Sorted Parquet files (local dir / glob / file, or fsspec URI) and the fsspec filesystem (None = local)."""
-    from definemed.data.loaders import resolve_files
-
-    return resolve_files(path, (".parquet",))
-
-
 def check_text_column(files: list[str], fs: Any, column: str) -> None:
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -264,7 +258,7 @@ def write_quarantine(files: list[str], fs: Any, column: str, out: Path) -> int:
 
     from definemed.io import write_parquet_atomic
 
-    paths, filesystem = _arrow_paths(files, fs)
+    paths, filesystem = arrow_paths(files, fs)
     data = pads.dataset(paths, format="parquet", filesystem=filesystem)
     bad, reasons = [], []
     for batch in data.to_batches():
@@ -291,7 +285,7 @@ def write_shards(cfg: PackConfig, files: list[str], fs: Any, shards: Path, tok_p
     old_order = ctx.execution_options.preserve_order
     ctx.execution_options.preserve_order = True  # same input -> same groups -> same packing, every run
     try:
-        paths, arrow_fs = _arrow_paths(files, fs)
+        paths, arrow_fs = arrow_paths(files, fs)
         cols = [cfg.text_column] + ([cfg.heldout.id_column] if cfg.heldout else [])
         ds = ray.data.read_parquet(paths, filesystem=arrow_fs).select_columns(cols)
         if cfg.limit_docs:
@@ -327,7 +321,7 @@ def run(cfg: PackConfig) -> dict[str, str]:
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else eos_id
     bos_id = leading_bos_id(tok)
 
-    files, fs = input_files(cfg.input)
+    files, fs = parquet_files(cfg.input)
     check_text_column(files, fs, cfg.text_column)
     split = None
     if cfg.heldout is not None:
@@ -361,17 +355,6 @@ def run(cfg: PackConfig) -> dict[str, str]:
     if n_bad:
         outputs["quarantine"] = str(out / QUARANTINE_FILE)
     return outputs
-
-
-def _arrow_paths(files: list[str], fs: Any) -> tuple[list[str], Any]:
-    """Paths and pyarrow filesystem for Arrow/Ray readers (fsspec URIs go through pyarrow's fsspec handler)."""
-    if fs is None:
-        return files, None
-    from pyarrow.fs import FSSpecHandler, PyFileSystem
-
-    from definemed.data.loaders import fs_path
-
-    return [fs_path(f, fs) for f in files], PyFileSystem(FSSpecHandler(fs))
 
 
 def pack_local(table, model: str, out_dir: str | os.PathLike, seq_len: int, text_column: str = "text",

@@ -40,11 +40,10 @@ def write_heldout(files: list[str], fs, text_column: str, cfg: HeldoutConfig, ou
     import pyarrow.parquet as pq
     from pathlib import Path
 
+    from definemed.data.loaders import arrow_paths
     from definemed.io import _atomic_target
 
-    from definemed.train.pack import _arrow_paths
-
-    paths, filesystem = _arrow_paths(files, fs)
+    paths, filesystem = arrow_paths(files, fs)
     data = pads.dataset(paths, format="parquet", filesystem=filesystem)
     if cfg.id_column not in data.schema.names:
         from definemed.config import ConfigError
@@ -79,11 +78,11 @@ def trained_ids(pack_dir) -> set[str]:
 
     import pyarrow.dataset as pads
 
-    from definemed.train.pack import _arrow_paths, input_files
+    from definemed.data.loaders import arrow_paths, parquet_files
 
     rec = json.loads((Path(pack_dir) / SPLIT_FILE).read_text(encoding="utf-8"))
-    files, fs = input_files(rec["input"])
-    paths, filesystem = _arrow_paths(files, fs)
+    files, fs = parquet_files(rec["input"])
+    paths, filesystem = arrow_paths(files, fs)
     ids = pads.dataset(paths, format="parquet", filesystem=filesystem).to_table(
         columns=[rec["id_column"]]).column(0).to_pylist()
     return {str(i) for i in ids if not is_heldout(str(i), rec["fraction"], rec["seed"])}
