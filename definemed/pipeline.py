@@ -2,6 +2,9 @@
 side by side; inputs produced by an earlier stage are allowed not to exist yet at validation time."""
 from __future__ import annotations
 
+import os
+import time
+from pathlib import Path
 from typing import Any
 
 from definemed.config import ConfigError, RayConfig, StageConfig, load_yaml, parse_config
@@ -50,12 +53,36 @@ def load_pipeline(path: str, only: list[str] | None = None) -> PipelineConfig:
     return PipelineConfig(ray_cfg, stages, path)
 
 
+def _load() -> float | None:
+    return round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None
+
+
+def timings_path(p: PipelineConfig) -> Path:
+    """`pipeline_timings.json` in the deepest directory that holds every stage's output_dir."""
+    dirs = [str(Path(c.output_dir).resolve()) for c in p.stages.values()]
+    return Path(os.path.commonpath(dirs)) / "pipeline_timings.json"
+
+
 def run_pipeline(p: PipelineConfig, ray_address: str | None = None) -> dict[str, dict[str, str]]:
     """Run the stages in order, like `dvc repro`: a finished stage is reused only while its config and inputs are
     unchanged; a stage whose inputs changed is recomputed (the log says which input), and since that gives it a
-    new run id, every stage downstream of it is recomputed too."""
+    new run id, every stage downstream of it is recomputed too.
+
+    Each stage's wall time and the 1-minute load average before and after it are printed and written to
+    `pipeline_timings.json` beside the outputs: a time taken while other work shared the machine says so."""
+    from definemed.io import atomic_write_json
+
     results: dict[str, dict[str, str]] = {}
+    rows: list[dict] = []
+    start = time.perf_counter()
     for name, cfg in p.stages.items():
         print(f"\n=== stage {name} -> {cfg.output_dir} ===", flush=True)
+        load0, t0 = _load(), time.perf_counter()
         results[name] = run_stage(STAGES[name], cfg, ray_address=ray_address, on_stale="rerun")
+        rows.append({"stage": name, "seconds": round(time.perf_counter() - t0, 1), "load_before": load0,
+                     "load_after": _load()})
+        print(f"=== stage {name}: {rows[-1]['seconds']:.0f} s (load average {load0} -> {rows[-1]['load_after']})",
+              flush=True)
+        atomic_write_json(timings_path(p), {"config": p.source, "stages": rows,
+                                            "total_seconds": round(time.perf_counter() - start, 1)})
     return results

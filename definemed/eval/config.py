@@ -80,6 +80,8 @@ class HostingConfig(StrictModel):
 
 class ReportConfig(StrictModel):
     title: str = "definemed evaluation"
+    note: str | None = Field(None, description="a paragraph under the title: what these models can and cannot "
+                                               "show")
     n_boot: int = Field(1000, ge=50)
     seed: int = 0
     plots: bool = True

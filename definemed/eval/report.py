@@ -353,6 +353,8 @@ def render_markdown(cfg, results: dict, plots: dict[str, str]) -> str:
     md = [f"# {cfg.report.title}", ""]
     if results.get("meaningless"):
         md += [f"> {MEANINGLESS_NOTE}", ""]
+    if cfg.report.note:
+        md += [f"> {cfg.report.note}", ""]
     md += _md_models(cfg)
     if results.get("perplexity"):
         md += _md_perplexity(results["perplexity"], plots)
