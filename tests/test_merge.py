@@ -313,10 +313,11 @@ def test_mismatched_parents_fail_cleanly(ray_local, tmp_path, case):
     msg = str(e.value)
     assert "cannot merge model_a 'tiny://qwen2'" in msg and f"model_b '{name_b}'" in msg
     assert ("architectures differ" in msg) if case == "mistral" else ("num_hidden_layers differs (4 vs 3)" in msg)
-    # no model, not even part of one: only the run marker (what a resume would check) and, with the quiet
-    # console on, the failed run's log, which names the error
+    # no model, not even part of one: only the run marker (what a resume would check), the run's lock file
+    # (released; the kernel lock, not the file, is what refuses a second writer) and, with the quiet console on,
+    # the failed run's log, which names the error
     left = {str(p.relative_to(out)) for p in (tmp_path / "out").rglob("*") if p.is_file()}
-    assert left <= {"_RUN.json", "logs/merge.log"}, left
+    assert left <= {"_RUN.json", ".lock", "logs/merge.log"}, left
     if "logs/merge.log" in left:
         assert "cannot merge model_a" in (out / "logs" / "merge.log").read_text()
 
