@@ -69,6 +69,9 @@ STAGES: dict[str, Stage] = {
               "automatic resume, MFU metrics, HF safetensors export."),
         Stage("merge", "definemed.merge.config:MergeStageConfig", "definemed.merge.run:run",
               "SLERP-merge the CPT model back into its instruct model (mergekit, layer-wise schedule, Ray task)."),
+        Stage("merge-search", "definemed.merge.search.config:MergeSearchConfig", "definemed.merge.search.run:run",
+              "Search merge recipes on Ray Tune (Optuna's multi-objective sampler) for medical gain, instruction "
+              "following and language confusion at once; Pareto front on dev, re-scored on test."),
         Stage("serve-demo", "serve.demo:ServeDemoConfig", "serve.demo:run",
               "Serve the merged model behind the secured OpenAI endpoint, ask one German clinical question, stop."),
         Stage("eval", "definemed.eval.config:EvalConfig", "definemed.eval.stage:run",

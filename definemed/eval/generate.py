@@ -54,20 +54,26 @@ def chat_offline(path: str, engine: dict, conversations: list[list[dict[str, str
     frontier's points."""
     import gc
 
-    from vllm import SamplingParams
-
     from definemed.engine import EngineConfig, make_llm
 
     llm = make_llm(path, EngineConfig(**engine), sole_engine=True)
     try:
-        sp = SamplingParams(max_tokens=cfg.max_tokens, temperature=cfg.temperature, seed=cfg.seed)
-        outs = llm.chat(conversations, sp, use_tqdm=False)
-        return [{"answer": o.outputs[0].text, "finish_reason": o.outputs[0].finish_reason,
-                 "usage": {"prompt_tokens": len(o.prompt_token_ids or []),
-                           "completion_tokens": len(o.outputs[0].token_ids)}} for o in outs]
+        return chat_records(llm, conversations, cfg)
     finally:
         del llm
         gc.collect()
+
+
+def chat_records(llm, conversations: list[list[dict[str, str]]], cfg: GenerationConfig) -> list[dict[str, Any]]:
+    """One record per conversation from an engine's chat, shaped like the endpoint's (answer, finish_reason,
+    usage)."""
+    from vllm import SamplingParams
+
+    sp = SamplingParams(max_tokens=cfg.max_tokens, temperature=cfg.temperature, seed=cfg.seed)
+    outs = llm.chat(conversations, sp, use_tqdm=False)
+    return [{"answer": o.outputs[0].text, "finish_reason": o.outputs[0].finish_reason,
+             "usage": {"prompt_tokens": len(o.prompt_token_ids or []),
+                       "completion_tokens": len(o.outputs[0].token_ids)}} for o in outs]
 
 
 def generate_answers(name: str, endpoint: Endpoint, prompts: Sequence[PromptItem], cache_path: str | Path,

@@ -33,7 +33,9 @@ def bootstrap_ci(values: Sequence[float] | np.ndarray, stat: Callable[[np.ndarra
     `stat` maps the rows of a resample to a number and defaults to the mean. Resamples whose statistic is nan
     (e.g. a metric undefined on that resample) are dropped before taking the percentiles.
     """
-    from scipy.stats import bootstrap
+    import warnings
+
+    from scipy.stats import DegenerateDataWarning, bootstrap
 
     x = np.asarray(values, dtype=float)
     n = len(x)
@@ -47,8 +49,12 @@ def bootstrap_ci(values: Sequence[float] | np.ndarray, stat: Callable[[np.ndarra
         statistic, vectorized = (lambda idx: stat(x[idx.astype(int)])), False
     if n == 1:  # every resample is the one item
         return Estimate(point, point, point, n)
-    res = bootstrap((np.arange(n),), statistic, n_resamples=n_boot, vectorized=vectorized, method="percentile",
-                    confidence_level=1 - alpha, rng=np.random.default_rng(seed))
+    with warnings.catch_warnings():
+        # identical items (e.g. every answer failed) give a degenerate distribution: the percentile CI is then
+        # the point itself, which is right; scipy's warning about it is noise
+        warnings.simplefilter("ignore", DegenerateDataWarning)
+        res = bootstrap((np.arange(n),), statistic, n_resamples=n_boot, vectorized=vectorized,
+                        method="percentile", confidence_level=1 - alpha, rng=np.random.default_rng(seed))
     boots = np.asarray(res.bootstrap_distribution, dtype=float)
     boots = boots[~np.isnan(boots)]
     if len(boots) == 0:

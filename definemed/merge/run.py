@@ -30,7 +30,7 @@ def merge_fingerprint(cfg: MergeStageConfig) -> str:
     return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def _node_ref(ref: str) -> str:
+def node_ref(ref: str) -> str:
     """Relative local paths become absolute on the driver (Ray workers may run elsewhere in the tree)."""
     if "://" in ref:
         return ref
@@ -133,7 +133,7 @@ def run(cfg: MergeStageConfig) -> dict[str, str]:
     task = ray.remote(**cfg.resources.ray_options())(merge_on_node).options(name="definemed-merge")
     log.info("merge: %s of %s (t=0) and %s (t=1) as a Ray task with %s", cfg.method, cfg.model_a,
              cfg.model_b, cfg.resources.ray_options())
-    ref = task.remote(cfg, str(out), _node_ref(cfg.model_a), _node_ref(cfg.model_b))
+    ref = task.remote(cfg, str(out), node_ref(cfg.model_a), node_ref(cfg.model_b))
     try:
         return ray.get(ref)
     except RayTaskError as e:

@@ -40,6 +40,8 @@ def config_work(stage: str, cfg) -> tuple[float, str, str] | None:
     if stage == "cpt":
         return (float(cfg.train.max_steps * cfg.train.global_batch_tokens), "tokens",
                 "config max_steps x global_batch_tokens")
+    if stage == "merge-search":
+        return float(cfg.trials), "trials", "config trials"
     return None
 
 

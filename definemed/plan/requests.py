@@ -150,6 +150,18 @@ def merge(cfg, resources: Mapping[str, float]) -> StageRequests:
     return StageRequests("merge", [Request("merge", "merge", "mergekit merge task", [bundle])])
 
 
+def merge_search(cfg, resources: Mapping[str, float]) -> StageRequests:
+    from definemed.merge.search.run import trial_resources
+
+    r = trial_resources(cfg, cfg.scoring.engine.resolve(dict(resources)))
+    bundle = {"CPU": r.get("cpu"), "GPU": r.get("gpu"), "memory": r.get("memory"),
+              **{k: v for k, v in r.items() if k not in ("cpu", "gpu", "memory")}}
+    return StageRequests("merge-search", [Request(
+        "merge-search", "trial", "Tune trial actor (one vLLM engine, in-memory merges)", [bundle],
+        min_units=1, max_units=cfg.max_concurrent_trials,
+        note=f"{cfg.trials} trials, up to {cfg.max_concurrent_trials} side by side")])
+
+
 def _engine_task(engine, resources: Mapping[str, float]) -> Bundle:
     from definemed.engine import task_resources
 
@@ -214,7 +226,7 @@ def serve_demo(cfg, resources: Mapping[str, float]) -> StageRequests:
 
 BUILDERS: dict[str, Callable[[Any, Mapping[str, float]], StageRequests]] = {
     "tiny-models": tiny_models, "annotate": annotate, "classify-train": classify_train, "filter": filter_,
-    "pack": pack, "cpt": cpt, "merge": merge, "serve-demo": serve_demo, "eval": eval_, "serve": serve,
+    "pack": pack, "cpt": cpt, "merge": merge, "merge-search": merge_search, "serve-demo": serve_demo, "eval": eval_, "serve": serve,
 }
 
 

@@ -1,0 +1,59 @@
+"""The dev and test splits a search scores on: documents of each perplexity set (divided by a seeded hash of their
+id) and instruction items (divided by their own `split` field), each asked in English and in German.
+
+The search selects on dev only; the front and the references are re-scored on test (never seen by the search).
+"""
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+from typing import Literal
+
+from definemed.config import ConfigError
+from definemed.merge.search.config import ScoringConfig, SplitData
+
+Split = Literal["dev", "test"]
+LANGS = ("en", "de")
+
+
+def _unit(seed: int, doc_id: str) -> float:
+    h = hashlib.sha256(f"{seed}:{doc_id}".encode()).digest()
+    return int.from_bytes(h[:8], "big") / 2**64
+
+
+def split_documents(docs: list[tuple[str, str]], seed: int, split: Split, n: int) -> list[tuple[str, str]]:
+    """Half the documents by a seeded id hash go to dev, the other half to test; the first n of a split in hash
+    order (so a larger n keeps the smaller split's documents)."""
+    keyed = sorted(((_unit(seed, i), i, t) for i, t in docs), key=lambda r: r[0])
+    mine = [(i, t) for u, i, t in keyed if (u < 0.5) == (split == "dev")]
+    return mine[:n]
+
+
+@dataclass
+class SplitSet:
+    """What one split asks of a model: documents per set, and the instruction items of the split."""
+
+    split: Split
+    documents: dict[str, list[tuple[str, str]]]
+    items: list = field(default_factory=list)  # InstructionItem
+
+    def describe(self) -> dict:
+        return {"split": self.split, "documents": {k: [i for i, _ in v] for k, v in self.documents.items()},
+                "prompts": [it.id for it in self.items]}
+
+
+def load_split(cfg: ScoringConfig, split: Split) -> SplitSet:
+    from definemed.data.loaders import load_instruction_items
+    from definemed.eval.perplexity import load_set
+
+    sd: SplitData = getattr(cfg, split)
+    docs = {}
+    for name, sc in cfg.sets.items():
+        chosen = split_documents(load_set(sc), cfg.split_seed, split, sd.documents)
+        if not chosen:
+            raise ConfigError(f"invalid config field 'scoring.sets.{name}': no documents fall in the {split} split")
+        docs[name] = chosen
+    items = load_instruction_items(cfg.prompts, [split])[:sd.prompts]
+    if not items:
+        raise ConfigError(f"invalid config field 'scoring.prompts': no items with split {split!r} in {cfg.prompts}")
+    return SplitSet(split, docs, items)
