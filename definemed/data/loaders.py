@@ -491,10 +491,7 @@ def load_prompts(path: str | Path, categories: list[str] | None = None) -> list[
                 raise SourceError(f"{f}: row {i}: invalid prompt: {e}") from None
             if categories is None or item.category in categories:
                 out.append(item)
-    ids = [p.id for p in out]
-    dup = sorted({i for i in ids if ids.count(i) > 1})
-    if dup:
-        raise SourceError(f"{path}: duplicate prompt ids {dup[:5]}")
+    _refuse_duplicate_ids(path, out, "prompt")
     return out
 
 
@@ -514,11 +511,15 @@ def load_instruction_items(path: str | Path, splits: list[str] | None = None) ->
                 raise SourceError(f"{f}: row {i} (id {row.get('id')!r}): {where}: {err['msg']}") from None
             if splits is None or item.split in splits:
                 out.append(item)
-    ids = [p.id for p in out]
+    _refuse_duplicate_ids(path, out, "item")
+    return out
+
+
+def _refuse_duplicate_ids(path, items: list, what: str) -> None:
+    ids = [p.id for p in items]
     dup = sorted({i for i in ids if ids.count(i) > 1})
     if dup:
-        raise SourceError(f"{path}: duplicate item ids {dup[:5]}")
-    return out
+        raise SourceError(f"{path}: duplicate {what} ids {dup[:5]}")
 
 
 # ----------------------------------------------------------------------------------------------------------------
