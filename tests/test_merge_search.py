@@ -56,6 +56,18 @@ def test_rank_prefers_members_that_dominate_the_study_then_the_utopia_distance()
     assert [c["id"] for c in rank(cfg, front, study)] == ["b", "a", "c"]
 
 
+def test_dev_test_split_of_a_packs_held_out_documents_is_not_one_sided():
+    from definemed.merge.search.data import split_documents
+    from definemed.train.split import is_heldout
+
+    # exactly what the pack stage holds out (the same seed): the search's own split must not depend on that hash
+    held = [(f"doc-{i}", "text") for i in range(2000) if is_heldout(f"doc-{i}", 0.15, 0)]
+    dev, test = split_documents(held, 0, "dev", 10_000), split_documents(held, 0, "test", 10_000)
+    assert abs(len(dev) - len(test)) < 0.25 * len(held) and not {i for i, _ in dev} & {i for i, _ in test}
+    assert len(dev) + len(test) == len(held)
+    assert split_documents(held, 0, "dev", 5) == dev[:5]  # a larger n keeps the smaller split's documents
+
+
 # ---------------------------------------------------------------- space and recipes
 def test_define_by_run_space_and_recipe_follow_the_method():
     import optuna

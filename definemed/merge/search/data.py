@@ -17,7 +17,9 @@ LANGS = ("en", "de")
 
 
 def _unit(seed: int, doc_id: str) -> float:
-    h = hashlib.sha256(f"{seed}:{doc_id}".encode()).digest()
+    # salted: the pack stage holds out sha256(f"{seed}:{id}") < fraction, so the same unsalted hash would put every
+    # held-out document on one side of the split
+    h = hashlib.sha256(f"merge-search:{seed}:{doc_id}".encode()).digest()
     return int.from_bytes(h[:8], "big") / 2**64
 
 
