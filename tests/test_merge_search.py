@@ -251,3 +251,21 @@ def test_search_killed_midway_resumes_without_rerunning_finished_trials(tmp_path
     assert len(trials) == 10 and all(t["status"] == "done" for t in trials)
     for d, text in before.items():  # finished trials were not run again: their results are untouched
         assert (exp / d / "result.json").read_text() == text
+
+
+def test_plan_books_trials_times_resources_per_trial():
+    from definemed.merge.search.config import MergeSearchConfig
+    from definemed.plan.project import config_work
+    from definemed.plan.requests import stage_requests
+
+    data = yaml.safe_load((REPO / "configs" / "cluster" / "merge-search.yaml").read_text())
+    cfg = MergeSearchConfig.model_validate(data, context={"plan_only": True})
+    req = stage_requests("merge-search", cfg, {"CPU": 384, "GPU": 32}).requests[0]
+    assert (req.min_units, req.max_units, req.gpus_per_unit, req.per_unit("CPU")) == (1, 4, 1.0, 8.0)
+    assert "a100_40gb" in req.node_types
+    assert config_work("merge-search", cfg) == (100.0, "trials", "config trials")
+    # on a CPU-only cluster the engine resolves to CPU: no GPU is booked, whatever the driver has
+    cpu = stage_requests("merge-search", MergeSearchConfig.model_validate(
+        yaml.safe_load((REPO / "configs" / "merge-search.yaml").read_text()), context={"plan_only": True}),
+        {"CPU": 8}).requests[0]
+    assert cpu.gpus_per_unit == 0 and cpu.per_unit("CPU") == 1.0
