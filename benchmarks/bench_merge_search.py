@@ -93,13 +93,13 @@ def main() -> None:
 
     import ray
 
-    from definemed.config import parse_config
+    from definemed.config import load_config
     from definemed.merge.search.config import MergeSearchConfig
     from definemed.merge.search.data import load_split
     from definemed.merge.search.run import _prepare, _remote, node_ref
     from definemed.ray_utils import init_ray
 
-    cfg = parse_config(MergeSearchConfig, args.config)
+    cfg = load_config(MergeSearchConfig, args.config)
     init_ray(cfg.ray)
     cfg = cfg.model_copy(update={"model_a": node_ref(cfg.model_a), "model_b": node_ref(cfg.model_b)})
     engine = cfg.scoring.engine.resolve()
