@@ -106,9 +106,12 @@ def test_annotation_killed_mid_shard_resumes_to_identical_output(annotated, tmp_
         sent.append(ds.count())
         return _echo_gold_labeler(ds)
 
+    remaining = len(full) - sum(len(pd.read_parquet(ann / n)) for n in done) - partial
     run_annotate(_annotate_cfg(out), labeler=counting)
-    assert 0 < sent[0] <= 0.6 * len(full)
-    assert sent[0] == len(full) - sum(len(pd.read_parquet(ann / n)) for n in done) - partial
+    # the rerun labels exactly what neither a finished shard nor a killed shard's parts hold (under load the
+    # in-flight parts can complete every row before the kill lands: then there is nothing left to send)
+    assert remaining <= 0.6 * len(full)
+    assert sum(sent) == remaining and (sent == [] if remaining == 0 else sent[0] > 0)
     for name, mtime in done.items():  # finished shards were skipped, not relabelled
         assert (ann / name).stat().st_mtime_ns == mtime
     assert not list(ann.glob("shard-*.parts"))
