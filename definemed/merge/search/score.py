@@ -45,12 +45,16 @@ def score_engine(llm, split: SplitSet, cfg: ScoringConfig) -> dict[str, Any]:
         convs = [messages(gen, it.in_lang(lang).prompt) for it in split.items]
         answers[lang] = chat_records(llm, convs, gen)
     en = [score_answer(it.id, r["answer"], it.en.instructions) for it, r in zip(split.items, answers["en"])]
-    de = [score_answer(it.id, r["answer"], it.de.instructions, lang="de") for it, r in zip(split.items, answers["de"])]
+    from dataclasses import replace
+
     from definemed.eval.language import analyze
 
+    # one language analysis per German answer serves both the gate and LPR (lingua is the slow part)
+    langs = [analyze(r["answer"], "de") for r in answers["de"]]
+    de = [replace(score_answer(it.id, r["answer"], it.de.instructions), language_pass=a.passed)
+          for it, r, a in zip(split.items, answers["de"], langs)]
     items["if_en"] = [[float(r.prompt_strict)] for r in en]
     items["if_de_gated"] = [[float(bool(r.gated))] for r in de]
-    langs = [analyze(r["answer"], "de") for r in answers["de"]]
     items["lpr_de"] = [[math.nan if a.skipped else float(a.passed)] for a in langs]
     items["answer_tokens"] = [[(e["usage"]["completion_tokens"] + d["usage"]["completion_tokens"]) / 2]
                               for e, d in zip(answers["en"], answers["de"])]
