@@ -39,6 +39,14 @@ _HARMLESS_TRACEBACK = re.compile(r"resource_tracker\.py.*\n(?:.*\n)*.*KeyError: 
 HARMLESS_TRACEBACK_NOTE = ("[note] a vLLM worker's multiprocessing resource tracker reported shared memory it no longer "
                            "tracked (KeyError tracebacks from resource_tracker.py at shutdown): harmless, the memory "
                            "was already freed; the tracebacks are in the stage log")
+# vLLM 0.32's AsyncLLM, shut down on purpose at the end of a Ray Data job, races its own output handler, which then
+# logs "AsyncLLM output_handler failed" with an EngineDeadError traceback after "[shutdown] MPClient: complete".
+# Harmless once the worker said it is shutting the engine down: every request had finished.
+_SHUTDOWN_START = re.compile(r"Shutting down vLLM engine|\[shutdown\] MPClient")
+_AFTER_SHUTDOWN = re.compile(r"\[async_llm\.py:\d+\]")
+SHUTDOWN_NOTE = ("[note] a vLLM engine's output handler reported EngineDeadError after the engine was shut down at the "
+                 "end of the job (vLLM's own shutdown race): harmless, every request had finished; the traceback is "
+                 "in the stage log")
 # Ray Train's placement-group cleaner polls the controller and says so on every failed poll (251 lines in one
 # real-small CPT): the stage log keeps the first and a count.
 _ONCE = re.compile(r"PlacementGroupCleaner.*Failed to query Ray Train Controller actor state")
@@ -88,6 +96,8 @@ class _Router(io.TextIOBase):
         self._in_noise = False  # indented lines after a noise line continue its record (e.g. a dumped dict)
         self._tb: tuple[str, list[str]] | None = None  # a worker's traceback (prefix, lines) held to its last line
         self._noted = False
+        self._shut: set[str] = set()  # worker prefixes whose vLLM engine is shutting down
+        self._shut_noted = False
         self._repeats = 0
 
     def write(self, s: str) -> int:
@@ -114,6 +124,8 @@ class _Router(io.TextIOBase):
             self._console.write(line + "\n")
             return
         prefix = _WORKER_PREFIX.match(line)
+        if prefix and self._after_shutdown(prefix.group(0), line):
+            return
         if self._tb is not None and prefix and prefix.group(0) == self._tb[0]:
             self._tb[1].append(line)
             rest = _ANSI.sub("", line[prefix.end():])
@@ -129,6 +141,18 @@ class _Router(io.TextIOBase):
         self._in_noise = noise
         if not noise:
             self._console.write(line + "\n")
+
+    def _after_shutdown(self, prefix: str, line: str) -> bool:
+        """True for the output handler's lines once this worker shut its engine down (one note instead)."""
+        if _SHUTDOWN_START.search(line):
+            self._shut.add(prefix)
+            return False
+        if prefix not in self._shut or not _AFTER_SHUTDOWN.search(line):
+            return False
+        if not self._shut_noted:
+            self._console.write(SHUTDOWN_NOTE + "\n")
+            self._shut_noted = True
+        return True
 
     def _end_traceback(self) -> None:
         """A worker's traceback goes to the console whole (its body used to be dropped as worker chatter, leaving a

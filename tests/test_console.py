@@ -192,3 +192,29 @@ def test_worker_tracebacks_are_shown_whole_or_explained_and_repeated_cleaner_lin
     assert "engine stopped" not in shown and "[annotate] labels" in shown
     logged = log.read_text()
     assert logged.count("KeyError") == 2 and logged.count("Failed to query") == 1 and "4 more times" in logged
+
+
+def test_vllm_output_handler_error_after_an_engine_shutdown_is_one_note(tmp_path, quiet_console):
+    """annotate's Ray Data vLLM worker shuts its engine down at the end; vLLM 0.32's output handler then logs an
+    EngineDeadError traceback that reached the console as a run of ERROR lines in a run that succeeded. Before the
+    shutdown, the same lines are a real failure and must be shown."""
+    from definemed import console
+
+    w = "\x1b[36m(MapWorker(MapBatches(vLLMEngineStageUDF)) pid=3043)\x1b[0m "
+    err = "(MainProcess pid=3043) ERROR 12-07 11:01:37 [async_llm.py:906] "
+    handler = [err + "AsyncLLM output_handler failed.", err + "Traceback (most recent call last):",
+               err + '  File "vllm/v1/engine/async_llm.py", line 849, in output_handler',
+               err + "vllm.v1.engine.exceptions.EngineDeadError: EngineCore encountered an issue."]
+    out = quiet_console("stdout")
+    with console.stage_log("annotate", str(tmp_path)) as log:
+        print(w + handler[0])  # before any shutdown: a real engine failure
+        print(w + "Shutting down vLLM engine")
+        print(w + "(MainProcess pid=3043) INFO 12-07 11:01:37 [core_client.py:777] [shutdown] MPClient: complete")
+        for line in handler:
+            print(w + line)
+        print("[annotate] labels: {'medical': 3}")
+    shown = out.getvalue()
+    assert shown.count("AsyncLLM output_handler failed") == 1  # the one before the shutdown
+    assert shown.count(console.SHUTDOWN_NOTE) == 1 and "EngineDeadError: EngineCore" not in shown
+    assert "[annotate] labels" in shown
+    assert log.read_text().count("AsyncLLM output_handler failed") == 2
