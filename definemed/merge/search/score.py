@@ -85,13 +85,6 @@ def estimate(metric: str, rows, n_boot: int = 1000, seed: int = 0) -> dict:
 
 def paired_difference(metric: str, rows_a, rows_b, n_boot: int = 1000, seed: int = 0) -> dict:
     """value(a) - value(b) with a paired percentile bootstrap CI: the same resampled items for both models."""
-    from definemed.eval.stats import bootstrap_ci
+    from definemed.eval.stats import paired_difference as paired
 
-    a, b = np.asarray(rows_a, dtype=float), np.asarray(rows_b, dtype=float)
-    if a.shape != b.shape:
-        raise ValueError(f"{metric}: the two models were scored on different items ({a.shape} vs {b.shape})")
-    a, b = a.reshape(len(a), -1), b.reshape(len(b), -1)
-    k = a.shape[1]
-    both = np.hstack([a, b])
-    return bootstrap_ci(both, stat=lambda x: value(metric, x[:, :k]) - value(metric, x[:, k:]), n_boot=n_boot,
-                        seed=seed).as_dict()
+    return paired(rows_a, rows_b, stat=lambda x: value(metric, x), n_boot=n_boot, seed=seed, what=metric).as_dict()
