@@ -61,6 +61,9 @@ STAGES: dict[str, Stage] = {
         Stage("filter", "definemed.corpus.config:FilterConfig", "definemed.corpus.stage:run_filter",
               "Score the corpus with the classifier (autoscaling actor pool), keep >= threshold, dedup, "
               "decontaminate, redact PII: FineMed-de + stats."),
+        Stage("tokenizers", "definemed.tokenizers.config:TokenizersConfig", "definemed.tokenizers.stage:run",
+              "Tokenizer fertility (tokens per word), split share and parity against English per model family, "
+              "on FineMed-de, general German and parallel medical sentences; table and plot.", uses_ray=False),
         Stage("pack", "definemed.train.pack:PackConfig", "definemed.train.pack:run",
               "Hold out part of FineMed-de by a seeded id hash, tokenize the rest on Ray Data (BOS/EOS per "
               "document) and bin-pack it best-fit-decreasing into constant-length sequences."),

@@ -26,6 +26,12 @@ def word_count(text: str | None) -> int:
     return sum(1 for _ in WORD_RE.finditer(text or ""))
 
 
+def word_spans(text: str | None) -> list[tuple[int, int]]:
+    """(start, end) character offsets of the `words` of `text`, in order (tokenizer fertility attributes tokens
+    to words by these)."""
+    return [m.span() for m in WORD_RE.finditer(text or "")]
+
+
 # A piece ending in one of these (or in a single letter and a period: "z.", "B.") does not end a sentence.
 _ABBREVIATIONS = re.compile(r"(?:\b(?:bzw|ca|Dr|evtl|ggf|inkl|max|min|Nr|Prof|sog|usw|vgl|etc|e\.g|i\.e)|"
                             r"(?<![^\W\d_])[^\W\d_])\.$")

@@ -25,6 +25,8 @@ SAMPLE_MEDQA = SRC_DIR / "medqa_de.jsonl"
 SAMPLE_PROMPTS = SRC_DIR / "clinical_prompts.jsonl"
 #: Parallel German / English clinical prompts with verifiable instructions (instruction following, IFEval-style).
 SAMPLE_INSTRUCTIONS = SRC_DIR / "instruction_prompts.jsonl"
+#: Parallel German / English medical sentences (id, topic, de, en): tokenizer parity.
+SAMPLE_PARALLEL = SRC_DIR / "parallel_medical_de_en.jsonl"
 
 MMLU_SUBJECTS = ("anatomy", "clinical_knowledge", "college_medicine", "medical_genetics",
                  "professional_medicine", "college_biology")
