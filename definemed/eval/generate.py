@@ -81,25 +81,35 @@ def generate_answers(name: str, endpoint: Endpoint, prompts: Sequence[PromptItem
     """{prompt_id: record with "answer"} for one model; raises RequestFailed after finishing all others if some
     requests failed beyond the retry bound (a rerun resumes from the cache)."""
     cfg = cfg or GenerationConfig()
+    return generate_chats(name, endpoint, [(p.id, messages(cfg, p.prompt)) for p in prompts], cache_path, cfg)
+
+
+def generate_chats(name: str, endpoint: Endpoint, chats: Sequence[tuple[str, list[dict[str, str]]]],
+                   cache_path: str | Path, cfg: GenerationConfig | None = None) -> dict[str, dict]:
+    """{id: record with "answer"} for whole conversations (a one-shot exemplar turn, a system message), through
+    the endpoint's chat route; cached and resumed like generate_answers (the system prompt of `cfg` is not
+    added: each conversation carries its own)."""
+    cfg = cfg or GenerationConfig()
     cache = JsonlCache(cache_path)
     params = _params(cfg)
 
-    def key_of(p: PromptItem) -> str:
-        return stable_key("generate", name, endpoint.model, messages(cfg, p.prompt), params)
+    def key_of(msgs: list[dict[str, str]]) -> str:
+        return stable_key("generate", name, endpoint.model, msgs, params)
 
-    todo = [p for p in prompts if key_of(p) not in cache]
-    if len(todo) < len(prompts):
-        log.info("[%s] %d/%d answers cached, generating %d", name, len(prompts) - len(todo), len(prompts), len(todo))
+    todo = [(cid, msgs) for cid, msgs in chats if key_of(msgs) not in cache]
+    if len(todo) < len(chats):
+        log.info("[%s] %d/%d answers cached, generating %d", name, len(chats) - len(todo), len(chats), len(todo))
 
     client = endpoint.client() if todo else None
 
-    def one(p: PromptItem) -> None:
-        out = chat(client, endpoint.model, messages(cfg, p.prompt), retry=cfg.retry, **params)
-        cache.put({"key": key_of(p), "model": name, "endpoint_model": endpoint.model, "prompt_id": p.id,
+    def one(chat_: tuple[str, list[dict[str, str]]]) -> None:
+        cid, msgs = chat_
+        out = chat(client, endpoint.model, msgs, retry=cfg.retry, **params)
+        cache.put({"key": key_of(msgs), "model": name, "endpoint_model": endpoint.model, "prompt_id": cid,
                    "answer": out["text"], "finish_reason": out["finish_reason"], "usage": out["usage"]})
 
     failures = map_requests(one, todo, cfg.concurrency, desc=f"generate {name}")
     if failures:
         raise RequestFailed(f"[{name}] {len(failures)} of {len(todo)} generation request(s) failed; rerun to "
                             f"resume. First: {failures[0][1]}")
-    return {p.id: cache.get(key_of(p)) for p in prompts}  # type: ignore[misc]
+    return {cid: cache.get(key_of(msgs)) for cid, msgs in chats}  # type: ignore[misc]
