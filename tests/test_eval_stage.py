@@ -1,7 +1,8 @@
 """The `eval` stage end to end through a real endpoint: our serve app (Ray Serve LLM + vLLM CPU) hosts two tiny
 candidates and the judge, the official `openai` client talks to it; held-out perplexity (vLLM and transformers)
-and the merge frontier, whose point answers the instruction sets through a local engine; then a resumed run asks
-for nothing again. One serve app for all of it: every launch costs about a minute on 2 cores."""
+and the merge frontier, whose point answers the instruction sets through a local engine; extractive QA zero- and
+one-shot and the retention table; then a resumed run asks for nothing again. One serve app for all of it: every
+launch costs about a minute on 2 cores."""
 from __future__ import annotations
 
 import json
@@ -39,6 +40,10 @@ def _cfg(out: Path) -> dict:
             "general": {"path": str(SAMPLE_WEB_DIR), "where": {"gold_label": "non_medical"}, "limit": 4}},
             "max_tokens": 64},
         "frontier": {"model_a": "base", "model_b": "other", "t": [0, 0.5, 1]},
+        "qa": {"limit": 3, "generation": {"max_tokens": 8, "concurrency": 4}},
+        # the code path of a distillation report on two tiny models: `other` as the student and the KD model,
+        # `base` as the teacher and the CE-only control
+        "retention": {"teacher": "base", "students": ["other"], "control": {"kd": "other", "ce": "base"}},
         "report": {"n_boot": 200},
     }
 
@@ -59,6 +64,10 @@ def test_config_errors_name_the_field(tmp_path):
     bad = _cfg(tmp_path)
     bad["models"]["base"]["modelpath"] = "x"
     with pytest.raises(ConfigError, match="models.base.modelpath"):
+        parse_config(EvalConfig, bad)
+    bad = _cfg(tmp_path)
+    bad["retention"]["students"] = ["nobody"]
+    with pytest.raises(ConfigError, match="retention.students: unknown model 'nobody'"):
         parse_config(EvalConfig, bad)
     bad = _cfg(tmp_path)
     del bad["judge"]
@@ -116,13 +125,32 @@ def test_eval_stage_through_serve_app_and_resume(ray_local, tmp_path):
         assert ("gated" in r) == (s == "de") or r["lang"] == "en"
         assert r["prompt_strict"]["value"] <= r["prompt_loose"]["value"]
     assert {"base", "other", "slerp-t0.5"} == set(json.loads((out / "instruction_answers.json").read_text())["answers"])
+    # extractive QA: every model x mode answered the 3 scored items through the chat route, EM <= F1 per item
+    qa = {(r["model"], r["mode"]): r for r in res["qa"]["rows"]}
+    assert set(qa) == {(m, k) for m in ("base", "other") for k in ("zero_shot", "one_shot")}
+    for r in qa.values():
+        assert r["n"] == 3 and all(0 <= p["em"] <= p["f1"] <= 1 for p in r["items"])
+    assert set(res["qa"]["exemplars"]) == set(res["qa"]["items"]) and not set(res["qa"]["exemplars"].values()) & \
+        set(res["qa"]["items"])
+    # retention: student / teacher on every metric of the run, parameters, KD vs CE-only with a verdict
+    ret = json.loads((out / "retention.json").read_text())
+    assert {r["metric"] for r in ret["rows"]} == {
+        "ppl_medical", "ppl_general", "if_en", "if_de_gated", "lpr_de", "mc_mmlu_de", "mc_medqa_de",
+        *[f"qa_{k}_{s}" for k in ("zero_shot", "one_shot") for s in ("em", "f1")]}
+    p_row = next(r for r in ret["rows"] if r["metric"] == "ppl_medical")
+    assert p_row["retention"]["value"] == pytest.approx(p_row["teacher_value"] / p_row["student_value"])
+    assert [p["parameters"] > 0 for p in ret["parameters"]] == [True, True]
+    assert {d["metric"] for d in ret["kd_vs_ce"]} == {"ppl_medical", "qa_zero_shot_f1", "qa_one_shot_f1"}
+    assert all(d["verdict"].startswith(("KD beats", "KD does not beat")) and "95% CI" in d["verdict"]
+               for d in ret["kd_vs_ce"])
     # report: tiny models -> says the numbers carry no meaning; plots and lineage beside it
     md = Path(outputs["report_md"]).read_text()
     assert "carry no meaning" in md and "## Multiple choice" in md and "## Pairwise win-rate" in md
     assert "## Failure modes" in md and "## Instruction following" in md and "lineage.json" in md
     assert "## Merge frontier" in md and "IF de, language-gated %" in md
+    assert "## Extractive QA (German)" in md and "## Retention" in md and "KD against the CE-only control" in md
     for k in ("plot_mc", "plot_win_rate", "plot_verbosity", "plot_instructions", "plot_frontier",
-              "plot_frontier_if", "plot_perplexity"):
+              "plot_frontier_if", "plot_perplexity", "plot_qa", "plot_retention"):
         assert Path(outputs[k]).stat().st_size > 1000
     assert (out / "lineage.json").exists() and (out / DONE_MARKER).exists()
     assert "<table>" in Path(outputs["report_html"]).read_text()
@@ -132,9 +160,11 @@ def test_eval_stage_through_serve_app_and_resume(ray_local, tmp_path):
     judged = (out / "cache" / "judgments.jsonl").read_text()
     generated = (out / "cache" / "answers.jsonl").read_text()
     instructed = (out / "cache" / "instructions.jsonl").read_text()
+    asked = (out / "cache" / "qa.jsonl").read_text()
     (out / DONE_MARKER).unlink()
     again = STAGES["eval"].run_fn()(cfg)
     assert (out / "cache" / "judgments.jsonl").read_text() == judged
     assert (out / "cache" / "answers.jsonl").read_text() == generated
     assert (out / "cache" / "instructions.jsonl").read_text() == instructed
+    assert (out / "cache" / "qa.jsonl").read_text() == asked
     assert json.loads(Path(again["results"]).read_text())["pairwise"]["comparisons"][0]["n"] == comp["n"]

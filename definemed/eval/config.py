@@ -20,6 +20,8 @@ from definemed.eval.frontier import FrontierConfig
 from definemed.eval.instructions import InstructionsConfig
 from definemed.eval.mc import MCPromptConfig, MCScoringConfig
 from definemed.eval.perplexity import PerplexityConfig
+from definemed.eval.qa import QAConfig
+from definemed.eval.retention import RetentionConfig
 from definemed.models.registry import ModelRef
 
 _NAME = r"^[A-Za-z0-9._\-]+$"
@@ -99,6 +101,10 @@ class EvalConfig(StageConfig):
     perplexity: PerplexityConfig | None = None
     frontier: FrontierConfig | None = None
     instructions: InstructionsConfig | None = None
+    qa: QAConfig | None = Field(None, description="German extractive QA (SQuAD-style EM/F1), zero- and one-shot, "
+                                                  "through each model's chat route")
+    retention: RetentionConfig | None = Field(None, description="student ÷ teacher on every metric of the run, "
+                                                                "parameter counts, KD vs its CE-only control")
     failure_modes: FailureModesConfig | None = FailureModesConfig()
     hosting: HostingConfig = HostingConfig()
     report: ReportConfig = ReportConfig()
@@ -113,12 +119,13 @@ class EvalConfig(StageConfig):
         for name in self.models:
             if not re.match(_NAME, name) or name == "judge":
                 raise ValueError(f"model name {name!r}: use letters, digits, '.', '_', '-' (and not 'judge')")
-        if self.mc is None and self.pairwise is None and self.perplexity is None and self.instructions is None:
-            raise ValueError("mc, pairwise, perplexity, instructions: nothing to evaluate, configure at least one")
-        if self.instructions is not None:
-            for m in self.instructions.models or []:
+        if (self.mc is None and self.pairwise is None and self.perplexity is None and self.instructions is None
+                and self.qa is None):
+            raise ValueError("mc, pairwise, perplexity, instructions, qa: nothing to evaluate, configure at least one")
+        for section in ("instructions", "qa"):
+            for m in getattr(getattr(self, section), "models", None) or []:
                 if m not in self.models:
-                    raise ValueError(f"instructions.models: unknown model {m!r} (known: {', '.join(self.models)})")
+                    raise ValueError(f"{section}.models: unknown model {m!r} (known: {', '.join(self.models)})")
         self._check_perplexity()
         self._check_chat_templates()
         if self.mc is not None:
@@ -128,6 +135,7 @@ class EvalConfig(StageConfig):
             for m in self.mc.models or [n for n, r in self.models.items() if r.path]:
                 if self.models[m].path is None:
                     raise ValueError(f"mc.models: {m!r} has no `path`; MC scoring needs the weights")
+        self._check_retention()
         if self.pairwise is not None:
             if self.judge is None:
                 raise ValueError("judge: required when `pairwise` is configured")
@@ -154,6 +162,38 @@ class EvalConfig(StageConfig):
                     raise ValueError(f"frontier.{field}: {m!r} is not among the perplexity models "
                                      f"({', '.join(self.perplexity_models())})")
 
+    def _check_retention(self) -> None:
+        """Every retention model is a known model and is scored by every metric section of the run (a missing
+        score would leave its retention silently empty)."""
+        r = self.retention
+        if r is None:
+            return
+        fields = [("teacher", r.teacher), *[("students", m) for m in r.students]]
+        if r.control is not None:
+            fields += [("control.kd", r.control.kd), ("control.ce", r.control.ce)]
+        for field, m in fields:
+            if m not in self.models:
+                raise ValueError(f"retention.{field}: unknown model {m!r} (known: {', '.join(self.models)})")
+        scored = {"perplexity": self.perplexity_models() if self.perplexity else None,
+                  "instructions": self.instruction_models() if self.instructions else None,
+                  "mc": self.mc_models() if self.mc else None, "qa": self.qa_models() if self.qa else None}
+        if not any(v is not None for v in scored.values()):
+            raise ValueError("retention: needs a metric section (perplexity, instructions, mc or qa)")
+        for field, m in fields:
+            for section, models in scored.items():
+                if models is not None and m not in models:
+                    raise ValueError(f"retention.{field}: {m!r} is not scored by `{section}` "
+                                     f"({section}.models: {', '.join(models)})")
+        if r.control is not None and self.perplexity is None and self.qa is None:
+            raise ValueError("retention.control: KD vs CE-only compares perplexity and QA F1; configure "
+                             "`perplexity` or `qa`")
+        if self.perplexity is not None and r.perplexity_set not in self.perplexity.sets:
+            raise ValueError(f"retention.perplexity_set: {r.perplexity_set!r} is not a perplexity set "
+                             f"({', '.join(self.perplexity.sets)})")
+        if self.perplexity is not None and r.backend and r.backend not in self.perplexity.backends:
+            raise ValueError(f"retention.backend: {r.backend!r} is not among perplexity.backends "
+                             f"({', '.join(self.perplexity.backends)})")
+
     def _check_chat_templates(self) -> None:
         """Chat needs a template: a model answering clinical prompts or judging, or MC with chat prompts."""
         from definemed.models.registry import has_chat_template
@@ -167,13 +207,13 @@ class EvalConfig(StageConfig):
         if self.mc is not None and self.mc.prompt.chat_template:
             for m in self.mc_models():
                 chat.setdefault(m, f"models.{m}")
-        for m in self.instruction_models():
+        for m in self.instruction_models() + self.qa_models():
             chat.setdefault(m, f"models.{m}")
         for name, field in chat.items():
             ref = self.judge if name == "judge" else self.models[name]
             if ref is not None and ref.endpoint is None and ref.path and has_chat_template(ref.path) is False:
                 raise ValueError(f"{field}.path: {ref.path} has no chat template, but this evaluation chats with "
-                                 "it (pairwise answers, judging or chat-format MC)")
+                                 "it (pairwise answers, judging, chat-format MC, instructions or QA)")
 
     def perplexity_models(self) -> list[str]:
         if self.perplexity is None:
@@ -184,6 +224,11 @@ class EvalConfig(StageConfig):
         if self.instructions is None:
             return []
         return self.instructions.models or list(self.models)
+
+    def qa_models(self) -> list[str]:
+        if self.qa is None:
+            return []
+        return self.qa.models or list(self.models)
 
     def mc_models(self) -> list[str]:
         if self.mc is None:
@@ -204,6 +249,8 @@ class EvalConfig(StageConfig):
             out["prompts"] = self.pairwise.prompts
         if self.instructions is not None:
             out["instruction_prompts"] = self.instructions.prompts
+        if self.qa is not None:
+            out["qa_items"] = self.qa.path
         if self.perplexity is not None:
             for name, st in self.perplexity.sets.items():
                 out[f"perplexity.{name}"] = st.path

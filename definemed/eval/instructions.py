@@ -254,6 +254,7 @@ class PromptResult:
     strict: tuple[bool, ...]  # one per instruction
     loose: tuple[bool, ...]
     language_pass: bool | None = None  # LCB line-level pass of the answer in the set's language
+    language_skipped: bool | None = None  # no line of 5 words: LPR leaves the answer out
 
     @property
     def prompt_strict(self) -> bool:
@@ -272,11 +273,12 @@ class PromptResult:
 
 def score_answer(prompt_id: str, answer: str, instructions: Sequence[Mapping[str, Any]],
                  lang: str | None = None) -> PromptResult:
-    from definemed.eval.language import line_pass
+    from definemed.eval.language import analyze
 
+    a = None if lang is None else analyze(answer, lang)
     return PromptResult(prompt_id, tuple(check(answer, i) for i in instructions),
                         tuple(check_loose(answer, i) for i in instructions),
-                        None if lang is None else line_pass(answer, lang))
+                        None if a is None else a.passed, None if a is None else a.skipped)
 
 
 def accuracies(results: Iterable[PromptResult], n_boot: int = 1000, seed: int = 0) -> dict[str, dict]:
@@ -342,5 +344,5 @@ def score_set(items: Sequence[Any], answers: Mapping[str, Mapping[str, Any]], la
         "words": mean_ci([float(word_count(a)) for a in texts], n_boot=n_boot, seed=seed).as_dict(),
         "truncated": sum(answers[it.id].get("finish_reason") == "length" for it in items),
         "prompts": [{"id": r.prompt_id, "strict": list(r.strict), "loose": list(r.loose),
-                     "language_pass": r.language_pass} for r in results],
+                     "language_pass": r.language_pass, "language_skipped": r.language_skipped} for r in results],
     }

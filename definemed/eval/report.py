@@ -159,6 +159,51 @@ def plot_instructions(rows: list[dict], path: Path) -> Path:
     return _finish(plt, fig, ax, path, "share (95% bootstrap CI)", "Instruction following and language", 7)
 
 
+def plot_qa(rows: list[dict], path: Path) -> Path:
+    """EM and F1 per model, zero- and one-shot, with bootstrap CIs."""
+    plt = _plt()
+    models = list(dict.fromkeys(r["model"] for r in rows))
+    bars = [(f"{k.upper()} {mode.replace('_', '-')}", {r["model"]: r[k] for r in rows if r["mode"] == mode})
+            for mode in dict.fromkeys(r["mode"] for r in rows) for k in ("em", "f1")]
+    width = 0.8 / max(1, len(bars))
+    fig, ax = plt.subplots(figsize=(max(6.5, 1.4 * len(models) + 3), 4))
+    for i, (label, est) in enumerate(bars):
+        xs = [m + (i - (len(bars) - 1) / 2) * width for m in range(len(models))]
+        e = [est.get(m) or {"value": 0, "lo": 0, "hi": 0} for m in models]
+        ys = [x["value"] for x in e]
+        err = [[max(0.0, y - x["lo"]) for x, y in zip(e, ys)], [max(0.0, x["hi"] - y) for x, y in zip(e, ys)]]
+        ax.bar(xs, ys, width, yerr=err, capsize=2, label=label)
+    ax.set_xticks(range(len(models)), models, rotation=30, ha="right", fontsize=8)
+    ax.set_ylim(0, 1.05)
+    return _finish(plt, fig, ax, path, "score (95% bootstrap CI)", "German extractive QA (SQuAD-style)", 7)
+
+
+def plot_retention(ret: dict, path: Path) -> Path:
+    """Student ÷ teacher per metric (1 = kept everything), one bar per student, with paired bootstrap CIs."""
+    plt = _plt()
+    rows = ret["rows"]
+    metrics = list(dict.fromkeys(r["label"] for r in rows))
+    students = list(dict.fromkeys(r["student"] for r in rows))
+    by = {(r["label"], r["student"]): r["retention"] for r in rows}
+    width = 0.8 / max(1, len(students))
+    fig, ax = plt.subplots(figsize=(max(6.5, 0.7 * len(metrics) * max(1, len(students)) + 3), 4.2))
+    for i, st in enumerate(students):
+        xs, ys, lo, hi = [], [], [], []
+        for j, m in enumerate(metrics):
+            e = by.get((m, st))
+            if e is None or e["value"] is None or math.isnan(e["value"]):
+                continue
+            xs.append(j + (i - (len(students) - 1) / 2) * width)
+            ys.append(e["value"])
+            lo.append(0 if math.isnan(e["lo"]) else max(0.0, e["value"] - e["lo"]))
+            hi.append(0 if math.isnan(e["hi"]) else max(0.0, e["hi"] - e["value"]))
+        ax.bar(xs, ys, width, yerr=[lo, hi], capsize=2, label=st)
+    ax.axhline(1.0, color="grey", lw=0.8, ls="--")
+    ax.set_xticks(range(len(metrics)), metrics, rotation=35, ha="right", fontsize=7)
+    return _finish(plt, fig, ax, path, "student ÷ teacher (95% paired bootstrap CI)",
+                   f"Retention of {ret['teacher']} (1 = kept everything)", 8)
+
+
 # ---------------------------------------------------------------- markdown
 def _md_models(cfg) -> list[str]:
     rows = []
@@ -344,9 +389,100 @@ def _md_instructions(ins: dict, plots: dict[str, str]) -> list[str]:
     return md
 
 
+def _md_qa(qa: dict, plots: dict[str, str]) -> list[str]:
+    split = qa.get("from_trained_documents") is not None
+    rows = [[r["model"], r["mode"].replace("_", "-"), r["n"], _ci(r["em"]), _ci(r["f1"]),
+             *([f"{_ci(r['heldout']['em'])} / {_ci(r['heldout']['f1'])} (n={r['heldout']['n']})"] if split else []),
+             r["empty"], r["truncated"]] for r in qa["rows"]]
+    gen = qa["generation"]
+    md = ["## Extractive QA (German)", "",
+          f"SQuAD-style extractive QA on `{qa['path']}` ({len(qa['items'])} scored items, each a passage of a "
+          "bundled medical document with a question whose answer is a span of it). Asked through each model's "
+          f"OpenAI chat route, greedy, at most {gen['max_tokens']} tokens; zero-shot: the passage and the "
+          "question; one-shot: one exemplar item from the pool (never the scored item or its document) and its "
+          "gold answer as a previous turn. The answer is the first non-empty line of the completion without an "
+          "\"Antwort:\" label. Exact match (EM) and token F1, maximum over the gold answers, after MLQA's German "
+          "normalisation (lower case, no punctuation, no articles); in % with 95% bootstrap CIs over items. "
+          "Empty: no answer line; truncated: cut at max_tokens.", ""]
+    if split:
+        md += [f"> {qa['from_trained_documents']} of the {len(qa['items'])} scored passages come from documents "
+               f"that the pack run `{qa['trained_on']}` trained on (CPT / distillation data); the held-out column "
+               "scores only the others.", ""]
+    md += [_table(["model", "prompting", "n", "EM %", "F1 %", *(["held-out docs EM / F1 %"] if split else []),
+                   "empty", "truncated"], rows), ""]
+    if "qa" in plots:
+        md += [f"![extractive QA]({plots['qa']})", ""]
+    return md
+
+
+def _fmt_value(metric: str, x) -> str:
+    if x is None or (isinstance(x, float) and math.isnan(x)):
+        return "n/a"
+    return _num(x) if metric.startswith("ppl_") else _pct(x)
+
+
+def _ratio(e: dict) -> str:
+    if not e or e.get("value") is None or math.isnan(e["value"]):
+        return "n/a"
+    span = "" if math.isnan(e["lo"]) else f" [{e['lo']:.3f}, {e['hi']:.3f}]"
+    return f"{e['value']:.3f}{span}"
+
+
+def _md_retention(ret: dict, plots: dict[str, str]) -> list[str]:
+    students = list(dict.fromkeys(r["student"] for r in ret["rows"])) or ret["students"]
+    by = {(r["metric"], r["student"]): r for r in ret["rows"]}
+    metrics = list(dict.fromkeys((r["metric"], r["label"]) for r in ret["rows"]))
+    trows = []
+    for m, label in metrics:
+        first = next(by[(m, s)] for s in students if (m, s) in by)
+        cells = []
+        for s in students:
+            r = by.get((m, s))
+            cells += ["", ""] if r is None else [_fmt_value(m, r["student_value"]), _ratio(r["retention"])]
+        trows.append([label + (" (lower is better)" if first["lower_better"] else ""), first["n"],
+                      _fmt_value(m, first["teacher_value"]), *cells])
+    head = ["metric", "n", f"teacher `{ret['teacher']}`"]
+    for s in students:
+        head += [f"`{s}`", f"`{s}` ÷ teacher"]
+    md = ["## Retention", "",
+          f"How much of the teacher `{ret['teacher']}` each student keeps: student ÷ teacher on the same items, so "
+          "1.0 means it kept everything and less than 1 means it lost some. Held-out perplexity (lower is better) "
+          "enters as perplexity_teacher ÷ perplexity_student = exp(CE_teacher − CE_student), the geometric-mean "
+          "ratio of the probability the student gives each held-out token to the teacher's; every other metric "
+          "as metric_student ÷ metric_teacher (values in %, perplexity as is). 95% paired bootstrap CIs: each "
+          "resample draws the same documents or items for teacher and student.", ""]
+    for note in ret.get("notes") or []:
+        md += [f"> {note}", ""]
+    md += [_table(head, trows), ""]
+    if "retention" in plots:
+        md += [f"![retention]({plots['retention']})", ""]
+    prow = [[r["model"], r["role"], "n/a" if r["parameters"] is None else f"{r['parameters'] / 1e6:.1f}M",
+             "" if r["reduction"] is None or r["role"] == "teacher" else f"{100 * r['reduction']:.1f}%"]
+            for r in ret["parameters"]]
+    md += ["**Parameters** (counted from each model directory's safetensors; a tied output layer counts once):", "",
+           _table(["model", "role", "parameters", "fewer than the teacher"], prow), ""]
+    if ret.get("control"):
+        c = ret["control"]
+        krows = [[r["label"] + (" (lower is better)" if r["lower_better"] else ""), r["n"],
+                  _fmt_value(r["metric"], r["kd_value"]), _fmt_value(r["metric"], r["ce_value"]),
+                  (f"{r['difference']['value']:+.3f} [{r['difference']['lo']:+.3f}, {r['difference']['hi']:+.3f}]"
+                   if r["metric"].startswith("ppl_") else
+                   f"{100 * r['difference']['value']:+.1f} [{100 * r['difference']['lo']:+.1f}, "
+                   f"{100 * r['difference']['hi']:+.1f}]"), f"**{r['verdict']}**"]
+                 for r in ret["kd_vs_ce"]]
+        md += [f"**KD against the CE-only control**: `{c['kd']}` (distilled) against `{c['ce']}` (the same "
+               "student trained with cross-entropy only on the same tokens). Difference KD − CE-only with a 95% "
+               "paired bootstrap CI over the same resampled held-out documents (perplexity, token-weighted) or QA "
+               "items (F1, in points).", "",
+               _table(["metric", "n", "KD", "CE-only", "KD − CE-only [95% CI]", "verdict"], krows)
+               if krows else "No metric of the comparison was scored.", ""]
+    return md
+
+
 _LINEAGE = ["## Lineage", "", "Resolved config, package versions, git revision and input hashes: "
             "[`lineage.json`](lineage.json). Raw results: [`results.json`](results.json); answers: "
-            "`answers.json`, `instruction_answers.json`; cached requests: `cache/`; MC predictions: `mc/`; per-document NLLs: `perplexity/`.", ""]
+            "`answers.json`, `instruction_answers.json`; cached requests: `cache/`; MC predictions: `mc/`; "
+            "per-document NLLs: `perplexity/`; retention table: `retention.json` (when configured).", ""]
 
 
 def render_markdown(cfg, results: dict, plots: dict[str, str]) -> str:
@@ -356,12 +492,16 @@ def render_markdown(cfg, results: dict, plots: dict[str, str]) -> str:
     if cfg.report.note:
         md += [f"> {cfg.report.note}", ""]
     md += _md_models(cfg)
+    if results.get("retention"):
+        md += _md_retention(results["retention"], plots)
     if results.get("perplexity"):
         md += _md_perplexity(results["perplexity"], plots)
     if results.get("frontier"):
         md += _md_frontier(results["frontier"], plots)
     if results.get("instructions"):
         md += _md_instructions(results["instructions"], plots)
+    if results.get("qa"):
+        md += _md_qa(results["qa"], plots)
     if results.get("mc"):
         md += _md_mc(results["mc"], plots)
     if results.get("pairwise"):
@@ -416,6 +556,11 @@ def write_report(cfg, results: dict, out: Path) -> dict[str, str]:
         if results.get("instructions"):
             plots["instructions"] = plot_instructions(results["instructions"]["rows"],
                                                       pdir / "instructions.png").relative_to(out).as_posix()
+        if results.get("qa") and results["qa"]["rows"]:
+            plots["qa"] = plot_qa(results["qa"]["rows"], pdir / "qa.png").relative_to(out).as_posix()
+        if results.get("retention") and results["retention"]["rows"]:
+            plots["retention"] = plot_retention(results["retention"],
+                                                pdir / "retention.png").relative_to(out).as_posix()
         if results.get("failure_modes"):
             plots["verbosity"] = plot_verbosity(results["failure_modes"],
                                                 pdir / "verbosity.png").relative_to(out).as_posix()

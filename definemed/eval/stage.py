@@ -1,8 +1,10 @@
-"""`eval` stage: MC benchmarks, pairwise judging, failure modes, one report.
+"""`eval` stage: MC benchmarks, pairwise judging, instruction following, extractive QA, failure modes, held-out
+perplexity, retention of distilled students, one report.
 
 Order keeps peak memory bounded: MC scoring runs `parallel_models` local engines at a time (a Ray task per model,
-placed as resources allow), then the serve app hosts the candidates and the judge for generation and judging, and
-is shut down before perplexity and the analysis.
+placed as resources allow), then the serve app hosts the candidates and the judge for generation, judging,
+instructions and QA, and is shut down before perplexity and the analysis; retention reads all of their per-item
+results at the end.
 Every step resumes: MC results per model, answers and judgments are cached under output_dir.
 """
 from __future__ import annotations
@@ -335,6 +337,51 @@ def score_instructions(cfg: EvalConfig, items: list, answers: dict[str, dict], p
             "generation": ic.generation.model_dump(exclude={"retry"}), "answers": texts}
 
 
+# ---------------------------------------------------------------- extractive QA
+def qa_items(cfg: EvalConfig) -> tuple[list, list]:
+    """(scored items, one-shot exemplar pool) of the QA section."""
+    from definemed.eval.qa import load_qa_items, split_items
+
+    assert cfg.qa is not None
+    return split_items(load_qa_items(cfg.qa.path), cfg.qa.limit)
+
+
+def ask_qa(cfg: EvalConfig, out: Path, hosting: Hosting, items: list, pool: list) -> dict[str, dict]:
+    """Every QA model's answers in every mode, through its chat route: model -> mode -> item id -> record."""
+    from definemed.eval.generate import generate_chats
+    from definemed.eval.qa import conversation
+
+    qc = cfg.qa
+    gen = qc.generation_config()
+    answers: dict[str, dict[str, dict]] = {}
+    for name in cfg.qa_models():
+        for mode in qc.modes:
+            chats = [(it.id, conversation(it, mode, pool, qc.system_prompt)) for it in items]
+            answers.setdefault(name, {})[mode] = generate_chats(
+                f"{name}/qa-{mode}", hosting.endpoint(name, cfg.models[name]), chats, out / "cache" / "qa.jsonl", gen)
+    return answers
+
+
+def score_qa(cfg: EvalConfig, items: list, pool: list, answers: dict[str, dict]) -> dict[str, Any]:
+    """EM and F1 per model and mode, with CIs and per-item scores (score_answers)."""
+    from definemed.eval.qa import pick_exemplar, score_answers
+
+    qc = cfg.qa
+    trained = None
+    if qc.trained_on:
+        from definemed.train.split import trained_ids
+
+        trained = trained_ids(qc.trained_on)
+    rows = [{"model": name, "mode": mode, **score_answers(items, by_mode[mode], n_boot=cfg.report.n_boot,
+                                                          seed=cfg.report.seed, trained=trained)}
+            for name, by_mode in answers.items() for mode in qc.modes]
+    exemplars = {it.id: pick_exemplar(it, pool).id for it in items} if "one_shot" in qc.modes else {}
+    return {"rows": rows, "path": qc.path, "modes": qc.modes, "items": [it.id for it in items],
+            "exemplars": exemplars, "system_prompt": qc.system_prompt,
+            "generation": qc.generation.model_dump(exclude={"retry"}), "trained_on": qc.trained_on,
+            "from_trained_documents": None if trained is None else sum(it.doc_id in trained for it in items)}
+
+
 # ---------------------------------------------------------------- failure modes
 def _tokenizer(ref: EvalModel):
     from definemed.models import resolve_model
@@ -397,7 +444,8 @@ def _scored_paths(cfg: EvalConfig) -> dict[str, str]:
 
 
 def _add_perplexity(cfg: EvalConfig, out: Path, points: dict[str, str], preds: list[dict],
-                    results: dict[str, Any]) -> None:
+                    results: dict[str, Any]) -> dict:
+    """Perplexity rows (and the frontier's) into results; returns the per-document NLLs of the config's models."""
     from definemed.eval.frontier import cleanup, frontier_rows
     from definemed.eval.perplexity import summarize
 
@@ -412,6 +460,25 @@ def _add_perplexity(cfg: EvalConfig, out: Path, points: dict[str, str], preds: l
         results["frontier"] = {"rows": frontier_rows(cfg.frontier, rows, preds, instr), **cfg.frontier.model_dump()}
         if not cfg.frontier.keep_models:
             cleanup(points)
+    return {m: per_doc[m] for m in cfg.perplexity_models()}
+
+
+def _add_retention(cfg: EvalConfig, out: Path, per_doc: dict | None, preds: list[dict],
+                   results: dict[str, Any]) -> None:
+    """Student ÷ teacher on every metric of the run and KD vs CE-only, into results and retention.json."""
+    from definemed.eval import retention
+
+    rc = cfg.retention
+    assert rc is not None
+    paths = _scored_paths(cfg)
+    res = retention.compute(rc, per_doc=per_doc, instr=results.get("instructions"),
+                            mc_preds=[p for p in preds if p["model"] in rc.models()] or None,
+                            mc_table=(results.get("mc") or {}).get("table"), qa=results.get("qa"),
+                            model_dirs={m: paths.get(m) for m in rc.models()}, n_boot=cfg.report.n_boot,
+                            seed=cfg.report.seed)
+    res["meaningless"] = results.get("meaningless")
+    retention.write_json(res, out / "retention.json")
+    results["retention"] = res
 
 
 # ---------------------------------------------------------------- stage entry
@@ -437,16 +504,20 @@ def run(cfg: EvalConfig) -> dict[str, str]:
         results["mc"] = {"table": accuracy_table(objs, n_boot=cfg.report.n_boot, seed=cfg.report.seed),
                          "prompt": cfg.mc.prompt.model_dump(), "scoring": cfg.mc.scoring.model_dump(),
                          "predictions_dir": str(out / "mc")}
-    pair = instr = None
-    if cfg.pairwise is not None or cfg.instructions is not None:
+    pair = instr = qa = None
+    if cfg.pairwise is not None or cfg.instructions is not None or cfg.qa is not None:
         items = instruction_items(cfg) if cfg.instructions is not None else []
+        qa_scored, qa_pool = qa_items(cfg) if cfg.qa is not None else ([], [])
         hosting = Hosting(cfg)
         try:
             if cfg.pairwise is not None:
                 pair = run_pairwise(cfg, out, hosting)
             answers = ask_instructions(cfg, out, hosting, items) if cfg.instructions is not None else {}
+            qa_answers = ask_qa(cfg, out, hosting, qa_scored, qa_pool) if cfg.qa is not None else {}
         finally:
             hosting.shutdown()
+        if cfg.qa is not None:
+            qa = score_qa(cfg, qa_scored, qa_pool, qa_answers)
         if cfg.instructions is not None:
             # the frontier's points are not served: a local engine each, once the served replicas are gone
             asked = points if cfg.frontier is not None and cfg.frontier.instructions else {}
@@ -459,11 +530,14 @@ def run(cfg: EvalConfig) -> dict[str, str]:
     if instr is not None:
         results["instructions"] = {k: v for k, v in instr.items() if k != "answers"}
         atomic_write_json(out / "instruction_answers.json", {"items": instr["items"], "answers": instr["answers"]})
+    if qa is not None:
+        results["qa"] = qa
     if cfg.failure_modes is not None and (pair is not None or instr is not None):
         results["failure_modes"] = run_failure_modes(cfg, german_answer_sets(cfg, pair, instr), pair)
-    if cfg.perplexity is not None:
-        _add_perplexity(cfg, out, points, preds, results)
+    per_doc = _add_perplexity(cfg, out, points, preds, results) if cfg.perplexity is not None else None
     results["meaningless"] = is_meaningless(cfg)
+    if cfg.retention is not None:
+        _add_retention(cfg, out, per_doc, preds, results)
     atomic_write_json(out / "results.json", results)
     # the lineage manifest sits beside the report (run_stage rewrites it at the end with the outputs)
     write_manifest(out, "eval", cfg, inputs=cfg.lineage_inputs())
