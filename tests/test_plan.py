@@ -94,3 +94,98 @@ def test_plan_rejects_a_bad_config_with_exit_2(tmp_path):
                    "parallel: {num_workerz: 2}\n")
     r = _plan("--config", str(bad), "--stage", "cpt", "--cluster-spec", str(SPEC))
     assert r.returncode == 2 and "parallel.num_workerz" in r.stderr
+
+
+# --- words -> tokens per model family with measured fertility (definemed/plan/tokens.py) ---------------------------
+
+def _table(tmp_path: Path) -> Path:
+    import json
+
+    d = tmp_path / "tok"
+    d.mkdir()
+    rows = [{"tokenizer": "v3", "family": "mistral-7b-v0.3", "tiny": False, "set": "finemed_de", "fertility": 2.0,
+             "fertility_lo": 1.9, "fertility_hi": 2.1},
+            {"tokenizer": "v3", "family": "mistral-7b-v0.3", "tiny": False, "set": "general_de", "fertility": 9.0,
+             "fertility_lo": 9.0, "fertility_hi": 9.0},
+            # a tiny tokenizer must never stand for a real family, whatever it is labelled
+            {"tokenizer": "q", "family": "qwen2.5", "tiny": True, "set": "finemed_de", "fertility": 1.1,
+             "fertility_lo": 1.0, "fertility_hi": 1.2}]
+    doc = {"tokenizers": [{"name": "v3", "source": "mistral_common:x"}, {"name": "q", "source": "tiny://qwen2"}],
+           "sets": [{"name": "finemed_de", "description": "test set", "texts": 10, "words": 1000, "limit": None},
+                    {"name": "general_de", "description": "other", "texts": 10, "words": 1000, "limit": None}],
+           "rows": rows}
+    (d / "fertility.json").write_text(json.dumps(doc))
+    return d
+
+
+def _spec(tmp_path: Path, tokens: dict) -> Path:
+    spec = yaml.safe_load(SPEC.read_text())
+    spec["tokens"] = tokens
+    p = tmp_path / "spec.yaml"
+    p.write_text(yaml.safe_dump(spec))
+    return p
+
+
+def test_plan_turns_words_into_tokens_steps_and_gpu_hours_per_family(tmp_path, capsys):
+    import json
+    import math
+
+    from definemed.plan.cli import main
+
+    table = _table(tmp_path)
+    cpt = yaml.safe_load((REPO / "configs" / "cluster" / "cpt.yaml").read_text())
+    cpt["model"] = "/models/Mistral-7B-Instruct-v0.3"
+    cfg = tmp_path / "cpt.yaml"
+    cfg.write_text(yaml.safe_dump(cpt))
+    spec = _spec(tmp_path, {"words": 1e9, "words_source": "a stated count", "fertility": str(table)})
+    out = tmp_path / "plan.json"
+    assert main(str(cfg), stage="cpt", cluster_spec=str(spec), json_out=str(out)) == 0
+    text = capsys.readouterr().out
+    assert "tokens per model family" in text and str(table / "fertility.json") in text and "a stated count" in text
+    tok = json.loads(out.read_text())["stages"][0]["tokens"]
+    fam = {f["key"]: f for f in tok["families"]}
+    m = fam["mistral-7b-v0.3"]
+    assert m["configured"] and m["fertility"] == 2.0 and m["tokens"] == pytest.approx(2e9)
+    assert (m["tokens_lo"], m["tokens_hi"]) == (pytest.approx(1.9e9), pytest.approx(2.1e9))
+    assert m["steps"] == math.ceil(2e9 / cpt["train"]["global_batch_tokens"])
+    thr = yaml.safe_load(SPEC.read_text())["throughput"]["cpt"]  # 32 workers x 1 GPU at the spec's rate
+    wall = 2e9 / (thr["rate"] * 32) / 3600 + thr["startup_h"]
+    assert m["wall_h"] == pytest.approx(wall) and m["gpu_h"] == pytest.approx(wall * 32)
+    # Qwen2.5 has no measured tokenizer (the tiny one does not count): no number, and the plan says so
+    q = fam["qwen2.5"]
+    assert q["fertility"] is None and q["tokens"] is None and "not measured" in text and "offline" in q["why"]
+    assert {"gemma-3", "smollm2", "mistral-small"} <= {k for k, f in fam.items() if f["tokens"] is None}
+    assert f"{cpt['train']['max_steps']:,} steps" in text  # the config's own steps against one pass of the words
+
+
+def test_plan_of_the_study_prints_tokens_per_family_from_the_committed_table(capsys):
+    from definemed.plan.cli import main
+
+    assert main(str(PIPELINE), cluster_spec=str(SPEC)) == 0
+    text = capsys.readouterr().out
+    block = text[text.index("tokens per model family"):]
+    assert "docs/tokenizers/fertility.json" in block and "lineage" in block and "5.1B" in block
+    for label in ("Mistral-7B-Instruct-v0.3", "Mistral-Small-24B", "Gemma 3", "SmolLM2"):
+        line = next(ln for ln in block.splitlines() if ln.strip().startswith(label))
+        assert "B [" in line and "GPU-h" not in line, line  # tokens with their CI
+    assert "Qwen2.5 (cpt model)" in block and "Qwen2.5: not measured" in block
+
+
+def test_plan_reads_a_measured_word_count_from_the_filter_stage(tmp_path, capsys):
+    import json
+
+    from definemed.plan.cli import main
+
+    stats = tmp_path / "filter"
+    stats.mkdir()
+    (stats / "stats.json").write_text(json.dumps({"filtered": {"docs": 3, "words": 4_000_000}}))
+    spec = _spec(tmp_path, {"words_from": str(stats), "fertility": str(_table(tmp_path))})
+    out = tmp_path / "plan.json"
+    assert main(str(REPO / "configs" / "cluster" / "cpt.yaml"), stage="cpt", cluster_spec=str(spec),
+                json_out=str(out)) == 0
+    tok = json.loads(out.read_text())["stages"][0]["tokens"]
+    assert tok["words"] == 4e6 and "filter stage" in tok["words_source"]
+    assert {f["key"]: f for f in tok["families"]}["mistral-7b-v0.3"]["tokens"] == pytest.approx(8e6)
+    bad = _spec(tmp_path, {"words": 5.0})  # a count without its source
+    r = _plan("--config", str(REPO / "configs" / "cluster" / "cpt.yaml"), "--stage", "cpt", "--cluster-spec", str(bad))
+    assert r.returncode == 2 and "tokens" in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr

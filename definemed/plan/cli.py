@@ -16,10 +16,12 @@ from definemed.plan.load import load_stages
 from definemed.plan.project import Throughput, project
 from definemed.plan.report import StagePlan, render
 from definemed.plan.requests import stage_requests
+from definemed.plan.tokens import TokenBudget, token_plan
 
 
 class ThroughputFile(StrictModel):
     throughput: dict[str, Throughput]
+    tokens: TokenBudget = TokenBudget()
 
 
 def _cluster_line(nodes: list[Node], source: str) -> str:
@@ -37,10 +39,12 @@ def plan(config: str, stage: str | None = None, ray_address: str | None = None, 
          reserve_timeout_s: float = 120.0) -> tuple[list[StagePlan], list[Node], str]:
     stages, ray_cfg = load_stages(config, stage)
     thr: dict[str, Throughput] = {}
+    budget = TokenBudget()
     if cluster_spec:
         spec: ClusterSpec = load_spec(cluster_spec)
         nodes, source = nodes_from_spec(spec), f"{cluster_spec}: {spec.name}"
         thr.update(spec.throughput)
+        budget = spec.tokens
     else:
         from definemed.ray_utils import init_ray
 
@@ -49,8 +53,12 @@ def plan(config: str, stage: str | None = None, ray_address: str | None = None, 
     if throughput:  # any YAML with a `throughput:` section, e.g. a cluster spec
         from definemed.config import load_yaml, parse_config
 
-        section = {"throughput": load_yaml(throughput).get("throughput") or {}}
-        thr.update(parse_config(ThroughputFile, section, source=throughput).throughput)
+        raw = load_yaml(throughput)
+        section = {"throughput": raw.get("throughput") or {}, "tokens": raw.get("tokens") or {}}
+        parsed = parse_config(ThroughputFile, section, source=throughput)
+        thr.update(parsed.throughput)
+        if raw.get("tokens"):
+            budget = parsed.tokens
     resources = totals(nodes)
     plans = []
     for name, cfg in stages:
@@ -62,6 +70,8 @@ def plan(config: str, stage: str | None = None, ray_address: str | None = None, 
             from definemed.plan.reserve import reserve_stage
 
             sp.reservation = reserve_stage(sreq, reserve_timeout_s)
+        if name == "cpt":  # words -> tokens per model family, with the measured fertility
+            sp.tokens = token_plan(budget, (cfg, sreq.requests, fit.units(), thr.get(name)))
         plans.append(sp)
     return plans, nodes, _cluster_line(nodes, source)
 

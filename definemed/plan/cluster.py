@@ -13,6 +13,7 @@ from pydantic import ByteSize, Field, model_validator
 
 from definemed.config import StrictModel, load_config
 from definemed.plan.project import Throughput
+from definemed.plan.tokens import TokenBudget
 
 HEAD_RESOURCE = "node:__internal_head__"
 
@@ -45,6 +46,7 @@ class ClusterSpec(StrictModel):
     description: str = ""
     nodes: list[NodeGroup] = Field(min_length=1)
     throughput: dict[str, Throughput] = {}  # per stage name
+    tokens: TokenBudget = TokenBudget()  # words -> tokens per model family with measured fertility
 
     @model_validator(mode="after")
     def _one_head(self):

@@ -17,13 +17,15 @@ class StagePlan:
     fit: StageFit
     projection: Projection | None = None
     reservation: dict[str, Any] | None = None
+    tokens: Any = None  # definemed.plan.tokens.TokenPlan (the cpt stage)
 
     def to_dict(self) -> dict[str, Any]:
         return {"stage": self.stage, "fits": self.fit.fits, "reason": self.fit.reason,
                 "notes": self.requests.notes, "requests": [r.to_dict() for r in self.requests.requests],
                 "fit": [p.to_dict() for p in self.fit.phases],
                 "projection": self.projection.to_dict() if self.projection else None,
-                "reservation": self.reservation}
+                "reservation": self.reservation,
+                "tokens": self.tokens.to_dict() if self.tokens is not None else None}
 
 
 def _range(lo: float, hi: float) -> str:
@@ -97,6 +99,9 @@ def render(plans: list[StagePlan], cluster_line: str) -> str:
         if missing:
             out.append(f"  not projected (no throughput figure): {', '.join(missing)}")
         out.append("")
+    for p in plans:
+        if p.tokens is not None:
+            out += [*p.tokens.lines(), ""]
     bad = [p for p in plans if not p.fit.fits]
     for p in bad:
         out.append(f"DOES NOT FIT: {p.stage}: {p.fit.reason}")

@@ -214,6 +214,10 @@ def tiny_models(cfg, resources: Mapping[str, float]) -> StageRequests:
     return StageRequests("tiny-models", [], notes=["runs in the driver, no Ray resources"])
 
 
+def tokenizers(cfg, resources: Mapping[str, float]) -> StageRequests:
+    return StageRequests("tokenizers", [], notes=["runs in the driver (tokenizers only, no model), no Ray resources"])
+
+
 def serve_demo(cfg, resources: Mapping[str, float]) -> StageRequests:
     from serve.config import ServeConfig
 
@@ -225,6 +229,7 @@ def serve_demo(cfg, resources: Mapping[str, float]) -> StageRequests:
 
 
 BUILDERS: dict[str, Callable[[Any, Mapping[str, float]], StageRequests]] = {
+    "tokenizers": tokenizers,
     "tiny-models": tiny_models, "annotate": annotate, "classify-train": classify_train, "filter": filter_,
     "pack": pack, "cpt": cpt, "merge": merge, "merge-search": merge_search, "serve-demo": serve_demo, "eval": eval_, "serve": serve,
 }
