@@ -126,12 +126,11 @@ def test_gguf_gemma_tokenizer_behaves_as_gemma_3s(real_gemma):
     its own token, whitespace is kept (decoding gives the text back), 262,144 entries."""
     import re
 
-    from transformers import AutoTokenizer
-
     from definemed.data.sample import SAMPLE_PARALLEL
 
-    hf = AutoTokenizer.from_pretrained(real_gemma)
     c = load_counter("gemma-3", "real://gemma-3-270m")
+    hf = c.hf  # the transformers tokenizer the counter's backend belongs to (loading 262k entries twice is slow)
+    assert hf.name_or_path == real_gemma
     assert c.vocab_size == 262144 and c.family == "gemma-3"
     texts = [json.loads(x)["de"] for x in SAMPLE_PARALLEL.read_text(encoding="utf-8").splitlines()]
     texts.append("Puls  128/min,\tRR 90/60 mmHg\n\nSpO2 88 %")
@@ -163,8 +162,8 @@ def _cli(*args) -> subprocess.CompletedProcess:
 
 def test_bad_config_exits_2_with_one_line(tmp_path):
     bad = tmp_path / "t.yaml"
-    bad.write_text("output_dir: o\ntokenizers:\n  - {name: x, source: /nowhere}\n"
-                   "sets:\n  - {name: p, kind: parallel, description: d, path: definemed/data/sample/src/mmlu_de.jsonl}\n")
+    bad.write_text("output_dir: o\ntokenizers:\n  - {name: x, source: /nowhere}\nsets:\n  - {name: p, kind: parallel, "
+                   "description: d, path: definemed/data/sample/src/mmlu_de.jsonl}\n")
     r = _cli("--config", str(bad))
     assert r.returncode == 2, r.stdout + r.stderr
     lines = [ln for ln in r.stderr.splitlines() if ln.strip()]

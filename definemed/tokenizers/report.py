@@ -60,8 +60,8 @@ def markdown(doc: dict[str, Any]) -> str:
                      f"{r['words']:,} | {r['tokens']:,} | {_ci(r, 'fertility')} | {_f(r['split_share'] * 100, 1)}% |")
     par = [r for r in rows if r["set_kind"] == "parallel"]
     if par:
-        lines += ["", "| parallel set | tokenizer | family | vocabulary | pairs | tokens de | tokens en | fertility de | "
-                  "fertility en | parity de/en [95% CI] |",
+        lines += ["", "| parallel set | tokenizer | family | vocabulary | pairs | tokens de | tokens en | "
+                  "fertility de | fertility en | parity de/en [95% CI] |",
                   "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |"]
         for r in par:
             lines.append(f"| {r['set']} | {_label(r)} | {_family(r)} | {r['vocab_size']:,} | {r['texts']:,} | "

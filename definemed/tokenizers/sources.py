@@ -145,7 +145,7 @@ class HFCounter(TokenCounter):
     def __init__(self, path: str, gguf_pre: str | None = None):
         from transformers import AutoTokenizer
 
-        hf = AutoTokenizer.from_pretrained(path)
+        self.hf = hf = AutoTokenizer.from_pretrained(path)
         if not getattr(hf, "is_fast", False):
             raise ConfigError(f"{path}: no fast tokenizer (tokenizer.json); token offsets need one")
         self.backend = hf.backend_tokenizer
