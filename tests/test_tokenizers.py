@@ -210,3 +210,15 @@ def test_stage_end_to_end_on_the_bundled_sets(tmp_path, real_smollm2):
     assert (tmp_path / "tok" / DONE_MARKER).exists() and (tmp_path / "tok" / MANIFEST_NAME).exists()
     lineage = json.loads((tmp_path / "tok" / MANIFEST_NAME).read_text())
     assert lineage["inputs"]["tokenizers.mistral-v3"]["hash"].startswith("sha256:")  # the file the package ships
+
+
+def test_cluster_config_validates_for_the_plan():
+    """configs/cluster/tokenizers.yaml names /models and /data paths that exist only on the cluster: it must validate
+    the way `definemed plan` validates (paths unchecked), with Qwen2.5's own tokenizer listed."""
+    from definemed.config import load_yaml, parse_config
+    from definemed.tokenizers.config import TokenizersConfig
+
+    data = load_yaml(REPO / "configs" / "cluster" / "tokenizers.yaml")
+    cfg = parse_config(TokenizersConfig, data, context={"plan_only": True})
+    assert {t.family for t in cfg.tokenizers} >= {"qwen2.5", "mistral-7b-v0.3", "mistral-small", "gemma-3", "smollm2"}
+    assert cfg.output_dir.startswith("/data/")
