@@ -225,3 +225,15 @@ def test_cluster_config_validates_for_the_plan():
     families = {t.family or known(t.source).family for t in cfg.tokenizers}
     assert families == {"qwen2.5", "mistral-7b-v0.3", "mistral-small", "gemma-3", "smollm2"}
     assert cfg.output_dir.startswith("/data/")
+
+
+def test_a_missing_column_is_named_before_any_work():
+    from definemed.config import ConfigError
+    from definemed.data.sample import SAMPLE_WEB_DIR
+    from definemed.tokenizers.config import DocumentSet
+    from definemed.tokenizers.sets import check_document_set
+
+    s = DocumentSet(name="x", description="d", path=str(SAMPLE_WEB_DIR), where={"label": "medical"})
+    with pytest.raises(ConfigError, match="column 'label' not found"):
+        check_document_set(s)
+    assert check_document_set(s.model_copy(update={"where": {"gold_label": "medical"}})) == 322  # rows before where

@@ -34,8 +34,8 @@ def measure(cfg: TokenizersConfig, counters: list) -> tuple[list[dict[str, Any]]
     for s in cfg.sets:
         m = SetMeasure(names, parallel=isinstance(s, ParallelSet), ci_sample=cfg.ci_sample, seed=cfg.seed)
         if isinstance(s, DocumentSet):
-            total = check_document_set(s) if not s.where else None
-            total = min(total, s.limit) if total is not None and s.limit else total
+            n_rows = check_document_set(s)  # every file has the columns, before any work
+            total = None if s.where else min(n_rows, s.limit or n_rows)
             with tqdm(total=total, desc=f"[tokenizers] {s.name}", unit="doc") as bar:
                 for texts in iter_documents(s, cfg.batch_size):
                     m.add_batch(counters, texts)
