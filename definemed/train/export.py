@@ -37,7 +37,7 @@ def load_checkpoint_into_hf(ckpt_dir: str | os.PathLike, base_model: str, dtype:
 
 
 def export_hf(ckpt_dir: str | os.PathLike, base_model: str, out_dir: str | os.PathLike, dtype: str,
-              lineage_config: Any, lineage_inputs: dict[str, str], extra: dict[str, Any]) -> Path:
+              lineage_config: Any, lineage_inputs: dict[str, str], extra: dict[str, Any], stage: str = "cpt") -> Path:
     """Write `out_dir` atomically: config, safetensors, tokenizer, generation config, lineage.json."""
     from transformers import AutoTokenizer
 
@@ -53,6 +53,6 @@ def export_hf(ckpt_dir: str | os.PathLike, base_model: str, out_dir: str | os.Pa
         gen = Path(base_model) / "generation_config.json"
         if gen.exists():
             shutil.copy2(gen, tmp / "generation_config.json")
-        write_manifest(tmp, "cpt", lineage_config, inputs=lineage_inputs,
+        write_manifest(tmp, stage, lineage_config, inputs=lineage_inputs,
                        extra={"artifact": "hf_model", "checkpoint": str(ckpt_dir), "dtype": dtype, **extra})
     return Path(out_dir)

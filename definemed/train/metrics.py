@@ -60,7 +60,9 @@ def device_peak_flops(device_type: str, cpu_peak_tflops: float, gpu_peak_tflops:
 
 
 def step_metrics(*, step: int, loss: float, lr: float, grad_norm: float, step_time_s: float, tokens_step: int,
-                 target_tokens_step: int, world_size: int, flops_token: float, peak_flops: float) -> dict[str, Any]:
+                 target_tokens_step: int, world_size: int, flops_token: float, peak_flops: float,
+                 **parts: float) -> dict[str, Any]:
+    """One row of metrics.jsonl; `parts` are a loss's named terms (distill: ce, kl), appended as they come."""
     tps = tokens_step / step_time_s
     return {
         "step": step,
@@ -73,6 +75,7 @@ def step_metrics(*, step: int, loss: float, lr: float, grad_norm: float, step_ti
         "tokens_per_s": tps,
         "tokens_per_s_per_worker": tps / world_size,
         "mfu": flops_token * tps / (peak_flops * world_size),
+        **parts,
     }
 
 

@@ -166,6 +166,17 @@ def load_tokenizer(path: str):
     return tok
 
 
+def same_vocabulary(path_a: str, path_b: str) -> bool:
+    """Whether two models' tokenizers map the same strings to the same ids (token ids made by one mean the same
+    to the other). A tokenizer that cannot be read counts as different."""
+    if Path(path_a).resolve() == Path(path_b).resolve():
+        return True
+    try:
+        return load_tokenizer(path_a).get_vocab() == load_tokenizer(path_b).get_vocab()
+    except (OSError, ValueError):
+        return False
+
+
 def leading_bos_id(tok) -> int | None:
     """The <bos> id when this tokenizer opens every text with it (Gemma, Mistral, Llama), else None (Qwen)."""
     if tok.bos_token_id is None:

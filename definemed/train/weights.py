@@ -44,16 +44,17 @@ def choose_attention(choice: str, device_type: str) -> tuple[str, str]:
                         "block-diagonal mask per packed row")
 
 
-def build_on_meta(model_path: str, attn: str) -> nn.Module:
+def build_on_meta(model_path: str, attn: str, dtype: torch.dtype = torch.float32) -> nn.Module:
     """The architecture with parameters on the meta device. Buffers stay real: the rotary tables are computed
-    in __init__ and are not in the checkpoint, so they cannot be loaded later."""
+    in __init__ and are not in the checkpoint, so they cannot be loaded later. fp32 for trained models (master
+    weights); a frozen teacher may be built in its compute dtype."""
     from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoModelForCausalLM
 
     config = AutoConfig.from_pretrained(model_path)
     with init_empty_weights(include_buffers=False):
         # fp32 master weights; bf16 compute comes from the FSDP mixed-precision policy
-        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32, attn_implementation=attn)
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation=attn)
     model.tie_weights()  # init_empty_weights re-creates each parameter, which unties lm_head from the embeddings
     model.config.use_cache = False
     return model
