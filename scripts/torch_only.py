@@ -12,8 +12,8 @@ from pathlib import Path
 
 ABSENT = ("ray", "vllm", "mergekit", "pydantic", "accelerate", "pyarrow", "pandas", "datasets")
 TORCH_ONLY_MODULES = ("definemed.train.torchrun", "definemed.train.step", "definemed.train.parallelize",
-                      "definemed.train.loss", "definemed.train.lr_scheduler", "definemed.train.metrics",
-                      "definemed.train.weights", "definemed.io", "transformers.models.qwen2")
+                      "definemed.train.loss", "definemed.train.kd_loss", "definemed.train.lr_scheduler",
+                      "definemed.train.metrics", "definemed.train.weights", "definemed.io", "transformers.models.qwen2")
 
 for name in ABSENT:
     sys.modules[name] = None  # `import name` raises ImportError, as on a machine without it
