@@ -63,11 +63,29 @@ for _name, _stage in STAGES.items():
     app.command(name=_name, help=_stage.help)(_make_stage_command(_name, _stage.help))
 
 
-@app.command("serve")
-def serve_command(config: str = CONFIG_OPT, ray_address: Optional[str] = RAY_OPT,
+serve_app = typer.Typer(no_args_is_help=False, help="Host the secured OpenAI-compatible endpoint (`--config`), "
+                        "check its audit trail, rotate its API keys.")
+app.add_typer(serve_app, name="serve")
+keys_app = typer.Typer(no_args_is_help=True, help="API keys in a key file of digests that the running endpoint "
+                       "re-reads within seconds (no restart).")
+audit_app = typer.Typer(no_args_is_help=True, help="The endpoint's hash-chained audit trail.")
+serve_app.add_typer(keys_app, name="keys")
+serve_app.add_typer(audit_app, name="audit")
+KEY_FILE_OPT = typer.Option(..., "--file", "-f", help="The key file (the config's api_key_file).")
+
+
+@serve_app.callback(invoke_without_command=True)
+def serve_command(ctx: typer.Context,
+                  config: Optional[str] = typer.Option(None, "--config", "-c", help="Serve YAML config (configs/serve.yaml)."),
+                  ray_address: Optional[str] = RAY_OPT,
                   detach: bool = typer.Option(False, help="On a cluster: deploy and return, leaving the app up.")
                   ) -> None:
     """Host the configured models behind the secured OpenAI-compatible endpoint until Ctrl-C / SIGTERM."""
+    if ctx.invoked_subcommand is not None:
+        return
+    if config is None:
+        typer.echo(ctx.get_help())
+        raise SystemExit(2)
     from serve.config import ServeConfig
     from serve.runtime import serve_forever
     from serve.security import NoApiKeyError
@@ -77,6 +95,63 @@ def serve_command(config: str = CONFIG_OPT, ray_address: Optional[str] = RAY_OPT
         serve_forever(cfg, ray_address=ray_address, detach=detach)
     except (ConfigError, NoApiKeyError) as e:
         _fail_config(e)
+
+
+@audit_app.command("verify")
+def audit_verify(paths: list[str] = typer.Argument(..., help="An audit directory, or audit-*.jsonl files."),
+                 partial: bool = typer.Option(False, help="Accept a chain that does not start at its first line "
+                                              "(older files removed by a retention policy).")) -> None:
+    """Check the hash chain: exit 0 if intact, 1 naming the first edited, removed or reordered line."""
+    from serve.audit import verify
+
+    v = verify(paths, partial=partial)
+    for w in v.warnings:
+        typer.echo(f"warning: {w}", err=True)
+    if not v.ok:
+        typer.echo(f"audit trail NOT intact: {v.error}", err=True)
+        raise SystemExit(1)
+    typer.echo(f"audit trail intact: {v.lines} lines in {v.files} file(s), head {v.head}")
+
+
+@keys_app.command("add")
+def keys_add(file: str = KEY_FILE_OPT, name: Optional[str] = typer.Option(None, help="A label, e.g. the client.")
+             ) -> None:
+    """Make a new key: printed once, only its digest is stored."""
+    from serve.keys import add_key
+
+    try:
+        key, entry = add_key(file, name=name)
+    except (KeyError, ValueError) as e:
+        _fail_config(e)
+    typer.echo(key)
+    typer.echo(f"added key {entry.id}{f' ({name})' if name else ''} to {file}; it is shown only now", err=True)
+
+
+@keys_app.command("revoke")
+def keys_revoke(ident: str = typer.Argument(..., help="The key's id or name."), file: str = KEY_FILE_OPT) -> None:
+    """Revoke a key: the running endpoint refuses it within seconds."""
+    from serve.keys import revoke_key
+
+    try:
+        entry = revoke_key(file, ident)
+    except (KeyError, ValueError, OSError) as e:
+        _fail_config(e)
+    typer.echo(f"revoked key {entry.id} at {entry.revoked}")
+
+
+@keys_app.command("list")
+def keys_list(file: str = KEY_FILE_OPT) -> None:
+    """Key ids, names, when made, whether revoked (never a key or a digest)."""
+    from serve.keys import read_key_file
+
+    try:
+        kf = read_key_file(file)
+    except (ValueError, OSError) as e:
+        _fail_config(e)
+    typer.echo(f"{'id':12}  {'name':16}  {'created':20}  status")
+    for e in kf.entries:
+        status = f"revoked {e.revoked}" if e.revoked else "active" + (" (plaintext line)" if e.plaintext else "")
+        typer.echo(f"{e.id:12}  {(e.name or '-'):16}  {(e.created or '-'):20}  {status}")
 
 
 @app.command()

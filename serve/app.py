@@ -20,7 +20,10 @@ from typing import TYPE_CHECKING, Any, Optional
 from definemed.config import ConfigError, load_config, parse_config
 from definemed.engine import engine_device, engine_kwargs, placement_group_config
 from serve.config import ModelSpec, ServeConfig
-from serve.security import SecuritySettings, resolve_key_digests
+from serve.security import SecuritySettings, env_keys, key_digest, resolve_key_digests
+
+if TYPE_CHECKING:
+    from serve.audit import AuditSettings
 
 if TYPE_CHECKING:
     from ray.serve.llm import LLMConfig
@@ -45,8 +48,11 @@ def serve_env(cfg: ServeConfig) -> dict[str, str]:
 
 
 def model_env(spec: ModelSpec, cfg: ServeConfig) -> dict[str, str]:
+    # VLLM_CONFIGURE_LOGGING=0: vLLM's logging.config.dictConfig at import closes every handler of the process,
+    # Serve's replica log file among them (everything logged after it was lost); the replica sends vLLM's and our
+    # records to Serve's logger instead (serve.server).
     env = {"HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1"), "TOKENIZERS_PARALLELISM": "false",
-           **serve_env(cfg)}
+           "VLLM_CONFIGURE_LOGGING": "0", **serve_env(cfg)}
     if engine_device(spec.engine) == "cpu":
         env["VLLM_CPU_KVCACHE_SPACE"] = str(spec.engine.kv_cache_space_gib)
     return env
@@ -71,7 +77,7 @@ def llm_config(spec: ModelSpec, cfg: ServeConfig) -> "LLMConfig":
                            "graceful_shutdown_timeout_s": cfg.request_timeout_s or 300,
                            "graceful_shutdown_wait_loop_s": 0.5},
         runtime_env={"env_vars": model_env(spec, cfg)},
-        log_engine_metrics=False,
+        log_engine_metrics=cfg.engine_metrics,  # vLLM's engine metrics on Ray's Prometheus port
         callback_config={"callback_class": "serve.ray_private:LocalWeightsCallback"},
     )
 
@@ -85,13 +91,31 @@ def model_app_name(cfg: ServeConfig, model_id: str) -> str:
     return f"{cfg.app_name}--{model_id.replace('/', '--')}"
 
 
+def abs_path(path: str) -> str:
+    """Absolute, without resolving symlinks: a Kubernetes Secret mount's file is a symlink into a directory the
+    kubelet replaces on every update, so the path, not its target, is what replicas must keep reading."""
+    return os.path.abspath(os.path.expanduser(path))
+
+
 def security_settings(cfg: ServeConfig, key_digests: Optional[list[str]] = None) -> SecuritySettings:
-    """Keys are resolved where the app is built; only their digests travel to the replicas."""
-    digests = key_digests if key_digests is not None else resolve_key_digests(cfg.api_key_env, cfg.api_key_file)
+    """Keys are resolved where the app is built and only digests travel to the replicas: `key_digests` (default:
+    the environment's keys) stay fixed, the key file is re-read by the replicas whenever it changes."""
+    if key_digests is None:
+        resolve_key_digests(cfg.api_key_env, cfg.api_key_file)  # refuses to build an app no key opens
+        key_digests = [key_digest(k) for k in env_keys(cfg.api_key_env)]
+    digests = key_digests
     lim = cfg.limits
     return SecuritySettings(key_digests=list(digests), max_body_bytes=lim.max_body_bytes,
                             max_concurrent_per_key=lim.max_concurrent_per_key,
-                            requests_per_minute_per_key=lim.requests_per_minute_per_key)
+                            requests_per_minute_per_key=lim.requests_per_minute_per_key,
+                            key_file=abs_path(cfg.api_key_file) if cfg.api_key_file else None)
+
+
+def audit_settings(cfg: ServeConfig) -> Optional["AuditSettings"]:
+    from serve.audit import AuditSettings
+
+    a = cfg.audit
+    return AuditSettings(abs_path(a.dir), a.max_file_bytes, a.fsync) if a.dir else None
 
 
 def model_deployment(cfg: ServeConfig, spec: ModelSpec, *, security: Optional[SecuritySettings] = None,
@@ -106,7 +130,8 @@ def model_deployment(cfg: ServeConfig, spec: ModelSpec, *, security: Optional[Se
     cls = serve.ingress()(ModelServer) if security is not None else ModelServer
     bind: dict[str, Any] = {"app_name": cfg.app_name}
     if security is not None:
-        bind.update(security=security, cors_origins=tuple(cfg.cors_origins), peers=peers or {})
+        bind.update(security=security, cors_origins=tuple(cfg.cors_origins), peers=peers or {},
+                    audit=audit_settings(cfg))
     return build_llm_deployment(llm_config(spec, cfg), deployment_cls=cls, bind_kwargs=bind,
                                 override_serve_options={"name": deployment_name(spec.id)})
 

@@ -74,12 +74,24 @@ class LimitsConfig(StrictModel):
                                                                                 "endpoint); None = off")
 
 
+class AuditConfig(StrictModel):
+    """The endpoint's audit trail (`serve.audit`): one hash-chained JSON line per request, refused ones included,
+    with hashes of prompt and answer but never their text. Written by one writer actor per app on Ray's head node."""
+
+    dir: Optional[str] = Field(None, description="directory of audit-NNNNNN.jsonl files (a volume, not the pod's "
+                                                 "disk; an absolute path on a cluster); None = no audit trail")
+    max_file_bytes: int = Field(64 << 20, ge=4096, description="start a new file (same chain) above this size")
+    fsync: bool = Field(True, description="fsync after each batch: a line on disk survives a crash of the node")
+
+
 class ServeConfig(StrictModel):
     """Everything `definemed serve` and `serve.launch()` need.
 
-    API keys come from the environment variable `api_key_env` and/or the secret file `api_key_file` (one key per
-    line, `#` comments allowed). They never appear in this config, in logs or in Serve's stored deployment
-    arguments: replicas only receive SHA-256 digests.
+    API keys come from the environment variable `api_key_env` (comma-separated: several at once) and/or the key
+    file `api_key_file`: digests with ids from `definemed serve keys add` (or, older format, one key per line).
+    The running endpoint re-reads the file within seconds of a change: adding and revoking keys needs no
+    restart. Keys never appear in this config, in logs or in Serve's stored deployment arguments: replicas only
+    receive SHA-256 digests.
     """
 
     app_name: str = "definemed"
@@ -101,6 +113,9 @@ class ServeConfig(StrictModel):
     direct_ingress: bool = Field(False, description="ingress replicas also answer on their own port, skipping "
                                                     "Serve's proxy (faster; the port changes when the replica is "
                                                     "replaced, e.g. by a swap); `launch` hands that address out")
+    audit: AuditConfig = AuditConfig()
+    engine_metrics: bool = Field(True, description="vLLM engine metrics on Ray's Prometheus endpoint (Ray Serve "
+                                                   "LLM's log_engine_metrics)")
     tls_certfile: Optional[str] = None
     tls_keyfile: Optional[str] = None
     request_timeout_s: Optional[float] = Field(300, gt=0)

@@ -19,6 +19,7 @@ from starlette.routing import Route
 from serve.security import ASGIApp, Receive, Scope, Send, error_body, replay
 
 COMPLETION_PATHS = ("/v1/chat/completions", "/v1/completions")
+WEIGHTS_HEADER = b"x-definemed-weights"  # on every completion answer: the content hash of the weights that answered
 _MODEL_PATH = re.compile(r"^/v1/models/(?P<model>.+)$")
 _ERROR_TYPES = {400: "invalid_request_error", 404: "not_found_error", 405: "invalid_request_error",
                 503: "service_unavailable_error"}
@@ -112,8 +113,10 @@ class Gateway:
     """Routes: completions (local or forwarded by `model`), `/v1/models`, `/health`, `/ready`."""
 
     def __init__(self, local_id: str, local_app: ASGIApp, gate: asyncio.Event, forward: dict[str, Forward],
-                 cards: Callable[[], Awaitable[dict[str, dict]]], ready: Callable[[], Awaitable[dict[str, str]]]):
+                 cards: Callable[[], Awaitable[dict[str, dict]]], ready: Callable[[], Awaitable[dict[str, str]]],
+                 weights: Optional[str] = None):
         self.local_id = local_id
+        self.weights = (WEIGHTS_HEADER, weights.encode()) if weights else None
         self.local_app = local_app
         self.gate = gate
         self.forward = forward
@@ -165,7 +168,7 @@ class Gateway:
             model = data.get("model", self.local_id) if isinstance(data, dict) else self.local_id
         if model == self.local_id or not isinstance(model, str):
             await self.gate.wait()
-            await self.local_app(scope, replay(body, receive), send)
+            await self.local_app(scope, replay(body, receive), self._named(send) if self.weights else send)
             return
         forward = self.forward.get(model)
         if forward is None:
@@ -174,6 +177,14 @@ class Gateway:
         async for batch in forward(forwarded_scope(scope), body):
             for msg in batch:
                 await send(msg)
+
+    def _named(self, send: Send) -> Send:
+        async def send_named(msg: dict) -> None:
+            if msg["type"] == "http.response.start":
+                msg = {**msg, "headers": [*msg.get("headers", ()), self.weights]}
+            await send(msg)
+
+        return send_named
 
     async def _ready(self, send: Send) -> None:
         failed = await self.ready()

@@ -38,13 +38,16 @@ def shutdown_app(cfg: ServeConfig) -> None:
     from ray import serve
 
     from serve.app import model_app_name
+    from serve.audit import kill_writer
     from serve.control import kill_control
 
     for name in [cfg.app_name] + [model_app_name(cfg, m.id) for m in cfg.models[1:]]:
         with contextlib.suppress(Exception):
-            serve.delete(name)
+            serve.delete(name)  # blocks until the replicas are gone: their last audit lines are written
     with contextlib.suppress(Exception):
         kill_control(cfg.app_name)
+    with contextlib.suppress(Exception):
+        kill_writer(cfg.app_name)
     with contextlib.suppress(Exception):
         if not serve.status().applications:
             serve.shutdown()
@@ -71,20 +74,24 @@ def _client_host(host: str) -> str:
 
 
 # ---------------------------------------------------------------- the steps of launch
-def _keys(cfg: ServeConfig, api_key: Optional[str], ephemeral_key: bool) -> list[str]:
-    """The accepted keys (before Ray starts: fail fast). The first one is the Endpoint's."""
-    from serve.security import NoApiKeyError, load_api_keys
+def _keys(cfg: ServeConfig, api_key: Optional[str], ephemeral_key: bool) -> tuple[Optional[str], list[str]]:
+    """(a key this process can use to talk to the app, or None; the digests fixed for the app's life). Checked
+    before Ray starts: fail fast. The fixed digests are the environment's keys and `api_key` (or a one-off key);
+    the key file's keys are not among them: replicas follow that file as it changes."""
+    from serve.keys import read_key_file
+    from serve.security import NoApiKeyError, env_keys, key_digest, load_api_keys
 
-    keys = load_api_keys(cfg.api_key_env, cfg.api_key_file)
-    if api_key:
-        keys.insert(0, api_key)
-    if not keys:
+    fixed = ([api_key] if api_key else []) + env_keys(cfg.api_key_env)
+    in_file = load_api_keys(None, cfg.api_key_file) if cfg.api_key_file else []  # checks the file, or refuses
+    file_active = read_key_file(cfg.api_key_file).active if cfg.api_key_file else []
+    if not fixed and not file_active:
         if not ephemeral_key:
             raise NoApiKeyError(f"invalid config field 'api_key_env': no API key in ${cfg.api_key_env}"
                                 + (f" or {cfg.api_key_file}" if cfg.api_key_file else "")
                                 + "; the endpoint never starts without one")
-        keys = [secrets.token_urlsafe(32)]
-    return list(dict.fromkeys(keys))
+        fixed = [secrets.token_urlsafe(32)]
+    usable = list(dict.fromkeys(fixed + in_file))
+    return (usable[0] if usable else None), [key_digest(k) for k in dict.fromkeys(fixed)]
 
 
 def _start_ray(cfg: ServeConfig, ray_address: Optional[str]) -> bool:
@@ -163,6 +170,7 @@ def _deploy(cfg: ServeConfig, digests: list[str], previous: Optional[dict]) -> l
     control = get_control(cfg.app_name, Limits(cfg.limits.max_concurrent_per_key,
                                                cfg.limits.requests_per_minute_per_key))
     ray.get(control.set_deployed.remote({"config": cfg.model_dump(mode="json"), "key_digests": digests}))
+    _start_audit(cfg)
     targets = build_targets(cfg, digests, only=changed)
     if targets:  # one call: the ingress finds its peers by name whenever they come up
         serve.run_many(targets, wait_for_applications_running=False)
@@ -172,7 +180,45 @@ def _deploy(cfg: ServeConfig, digests: list[str], previous: Optional[dict]) -> l
     return sorted(changed)
 
 
-def _wait_ready(cfg: ServeConfig, url: str, api_key: str, timeout: float) -> None:
+def _start_audit(cfg: ServeConfig) -> None:
+    """The app's audit writer, up before any replica (so a directory it cannot write fails the launch here)."""
+    import ray
+
+    from definemed.config import ConfigError
+    from serve.app import audit_settings
+    from serve.audit import get_writer
+
+    settings = audit_settings(cfg)
+    if settings is None:
+        log.warning("app '%s': no audit trail (audit.dir is not set)", cfg.app_name)
+        return
+    try:
+        head = ray.get(get_writer(cfg.app_name, settings).head.remote(), timeout=120)
+    except Exception as e:  # noqa: BLE001 - the actor's creation error, e.g. a read-only or foreign directory
+        cause = getattr(e, "cause", None) or e
+        raise ConfigError(f"invalid config field 'audit.dir': the audit writer cannot use {settings.dir}: "
+                          f"{type(cause).__name__}: {str(cause).splitlines()[-1] if str(cause) else ''}") from None
+    log.info("app '%s': audit trail in %s (%s, seq %d)", cfg.app_name, settings.dir, head["file"], head["seq"])
+
+
+def _ready_by_handles(cfg: ServeConfig) -> Optional[str]:
+    """Without a key to call /ready with (a key file of digests only): every model's health check, by handle.
+    None if all answer, else what failed."""
+    from ray import serve
+
+    from serve.app import deployment_name, model_app_name
+
+    for i, m in enumerate(cfg.models):
+        app = cfg.app_name if i == 0 else model_app_name(cfg, m.id)
+        try:
+            serve.get_deployment_handle(deployment_name(m.id), app_name=app).check_health.remote().result(
+                timeout_s=15)
+        except Exception as e:  # noqa: BLE001 - any failure means "not ready"
+            return f"{m.id}: {type(e).__name__}"
+    return None
+
+
+def _wait_ready(cfg: ServeConfig, url: str, api_key: Optional[str], timeout: float) -> None:
     import httpx
     from ray import serve
 
@@ -188,7 +234,12 @@ def _wait_ready(cfg: ServeConfig, url: str, api_key: str, timeout: float) -> Non
         if failed:
             raise RuntimeError(f"serve app '{cfg.app_name}' failed to deploy: {failed[0]}")
         app = apps.get(cfg.app_name)
-        if app is not None and str(app.status).endswith("RUNNING"):
+        if app is not None and str(app.status).endswith("RUNNING") and api_key is None:
+            failed_model = _ready_by_handles(cfg)
+            if failed_model is None:
+                return
+            last = failed_model
+        elif app is not None and str(app.status).endswith("RUNNING"):
             try:
                 r = httpx.get(f"{url}/ready", headers={"Authorization": f"Bearer {api_key}"}, timeout=15,
                               verify=False)
@@ -268,10 +319,7 @@ def launch(cfg: ServeConfig, api_key: Optional[str] = None, *, ephemeral_key: bo
 def _launch(cfg: ServeConfig, api_key: Optional[str], ephemeral_key: bool,
             ray_address: Optional[str]) -> tuple[Endpoint, bool]:
     """launch(); also says whether this call started the app (False: it updated a running one)."""
-    from serve.security import key_digest
-
-    keys = _keys(cfg, api_key, ephemeral_key)
-    digests = [key_digest(k) for k in keys]
+    key, digests = _keys(cfg, api_key, ephemeral_key)
     owns_ray = _start_ray(cfg, ray_address)
     fresh = False
     try:
@@ -280,7 +328,7 @@ def _launch(cfg: ServeConfig, api_key: Optional[str], ephemeral_key: bool,
         fresh = previous is None
         since = _last_seq(cfg)
         rolled = _deploy(cfg, digests, previous)
-        _wait_ready(cfg, root, keys[0], cfg.ready_timeout_s)
+        _wait_ready(cfg, root, key, cfg.ready_timeout_s)
         if not fresh:
             _wait_swapped(cfg, rolled, since, cfg.ready_timeout_s)
         root = _direct_root(cfg, root) if cfg.direct_ingress else root
@@ -296,7 +344,7 @@ def _launch(cfg: ServeConfig, api_key: Optional[str], ephemeral_key: bool,
         if owns_ray:
             _stop_ray()
 
-    return Endpoint(base_url=root + "/v1", api_key=keys[0], models=cfg.model_ids(), app_name=cfg.app_name,
+    return Endpoint(base_url=root + "/v1", api_key=key or "", models=cfg.model_ids(), app_name=cfg.app_name,
                     _stop=stop if fresh else (_stop_ray if owns_ray else None)), fresh
 
 

@@ -3,8 +3,11 @@
 Order per request: API key (401) -> per-key rate / concurrency limit (429) -> body size (413) -> the app.
 The limits are per key for the whole app: each ingress replica enforces its share (`serve.control`).
 Keys are held as SHA-256 digests only and compared with hmac.compare_digest against every stored digest, so
-neither the key nor its position in the list leaks through timing. Log lines name a key by a short digest
-prefix, never by the key, and never contain request or response bodies.
+neither the key nor its position in the list leaks through timing. The digests from the key file are replaced
+whenever the file changes (`serve.keys.KeyWatcher`); a request already admitted is never affected. Log lines,
+metrics and audit lines name a key by its key id (a short hash of its digest), never by the key, and never
+contain request or response bodies. Every request, refused or not, is handed to the `Recorder` (metrics and the
+audit trail, `serve.audit`) as an Observation: references only, no work on the request path.
 """
 from __future__ import annotations
 
@@ -17,7 +20,12 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Awaitable, Callable, Iterable, Optional
+from typing import TYPE_CHECKING, Awaitable, Callable, Iterable, Optional
+
+from serve.keys import MIN_KEY_LEN, KeyFile, KeyFileError, key_digest, key_id, plaintext_keys, read_key_file
+
+if TYPE_CHECKING:
+    from serve.audit import Observation, Recorder
 
 log = logging.getLogger("definemed.serve.security")
 
@@ -32,41 +40,49 @@ class NoApiKeyError(ValueError):
     """No API key is configured: the endpoint must not start open."""
 
 
-def key_digest(key: str) -> str:
-    return hashlib.sha256(key.encode("utf-8")).hexdigest()
+def env_keys(api_key_env: Optional[str]) -> list[str]:
+    """Keys from the environment variable (comma-separated: several keys are accepted at once)."""
+    if api_key_env and os.environ.get(api_key_env):
+        keys = [k.strip() for k in os.environ[api_key_env].split(",") if k.strip()]
+        if any(len(k) < MIN_KEY_LEN for k in keys):
+            raise NoApiKeyError(f"API keys must be at least {MIN_KEY_LEN} characters (use e.g. `openssl rand -hex "
+                                "32` or `definemed serve keys add`)")
+        return list(dict.fromkeys(keys))
+    return []
 
 
-def read_key_file(path: str | os.PathLike) -> list[str]:
-    """One key per line; blank lines and `#` comments ignored (a Kubernetes secret mount works as is)."""
-    text = Path(path).expanduser().read_text(encoding="utf-8")
-    return [ln.strip() for ln in text.splitlines() if ln.strip() and not ln.strip().startswith("#")]
+def _key_file(api_key_file: str) -> KeyFile:
+    p = Path(api_key_file).expanduser()
+    if not p.is_file():
+        raise NoApiKeyError(f"invalid config field 'api_key_file': file not found: {api_key_file}")
+    try:
+        return read_key_file(p)
+    except KeyFileError as e:
+        raise NoApiKeyError(f"invalid config field 'api_key_file': {e}") from None
 
 
 def load_api_keys(api_key_env: Optional[str], api_key_file: Optional[str]) -> list[str]:
-    """Keys from the environment variable (comma-separated allowed) and the secret file, in that order."""
-    keys: list[str] = []
-    if api_key_env and os.environ.get(api_key_env):
-        keys += [k.strip() for k in os.environ[api_key_env].split(",") if k.strip()]
+    """The keys written in clear: the environment variable's, then the key file's plaintext lines (its digest
+    entries have no key to return)."""
+    keys = env_keys(api_key_env)
     if api_key_file:
-        p = Path(api_key_file).expanduser()
-        if not p.is_file():
-            raise NoApiKeyError(f"invalid config field 'api_key_file': file not found: {api_key_file}")
-        keys += read_key_file(p)
-    short = [k for k in keys if len(k) < 16]
-    if short:
-        raise NoApiKeyError("API keys must be at least 16 characters (use e.g. `openssl rand -hex 32`)")
+        _key_file(api_key_file)  # validates the whole file
+        keys += plaintext_keys(api_key_file)
     return list(dict.fromkeys(keys))
 
 
 def resolve_key_digests(api_key_env: Optional[str], api_key_file: Optional[str]) -> list[str]:
-    """SHA-256 digests of the configured keys; refuses (NoApiKeyError) when there is none."""
-    keys = load_api_keys(api_key_env, api_key_file)
-    if not keys:
+    """SHA-256 digests of every key accepted now (environment and the file's active entries); refuses
+    (NoApiKeyError) when there is none."""
+    digests = [key_digest(k) for k in env_keys(api_key_env)]
+    if api_key_file:
+        digests += _key_file(api_key_file).active
+    if not digests:
         where = " or ".join(x for x in (f"${api_key_env}" if api_key_env else "",
                                          f"file {api_key_file}" if api_key_file else "") if x)
         raise NoApiKeyError(f"invalid config field 'api_key_env': no API key found in {where}; "
                             "the endpoint never starts without one")
-    return [key_digest(k) for k in keys]
+    return list(dict.fromkeys(digests))
 
 
 def error_body(message: str, type_: str, code: str, param: Optional[str] = None) -> dict:
@@ -76,32 +92,46 @@ def error_body(message: str, type_: str, code: str, param: Optional[str] = None)
 
 @dataclass
 class SecuritySettings:
-    key_digests: list[str]
+    key_digests: list[str]  # fixed for the replica's life: the environment's keys (and a launch's own key)
     max_body_bytes: int = 1 << 20
     max_concurrent_per_key: int = 32
     requests_per_minute_per_key: Optional[int] = None
     # Paths under the route prefix that skip nothing: every route needs a key. Kept explicit for reviewers.
     public_paths: tuple[str, ...] = field(default_factory=tuple)
+    key_file: Optional[str] = None  # watched: its digests join key_digests and follow every change of the file
 
     def __post_init__(self):
-        if not self.key_digests:
+        if not self.key_digests and not self.key_file:
             raise NoApiKeyError("no API key configured: every route requires one")
 
 
 class KeyStore:
-    def __init__(self, digests: Iterable[str]):
-        self._digests = [bytes.fromhex(d) for d in digests]
+    def __init__(self, digests: Iterable[str], revoked: Iterable[str] = ()):
+        self._digests = [bytes.fromhex(d) for d in dict.fromkeys(digests)]
+        self._revoked = [bytes.fromhex(d) for d in revoked]
+
+    def __len__(self) -> int:
+        return len(self._digests)
+
+    @staticmethod
+    def _find(probe: bytes, digests: list[bytes]) -> Optional[str]:
+        found = None
+        for d in digests:
+            if hmac.compare_digest(probe, d):
+                found = d
+        return found.hex() if found is not None else None
 
     def match(self, presented: Optional[str]) -> Optional[str]:
         """The matching digest (hex) or None. Compares against all digests, whatever matches first."""
         if not presented:
             return None
-        probe = hashlib.sha256(presented.encode("utf-8")).digest()
-        found = None
-        for d in self._digests:
-            if hmac.compare_digest(probe, d):
-                found = d
-        return found.hex() if found is not None else None
+        return self._find(hashlib.sha256(presented.encode("utf-8")).digest(), self._digests)
+
+    def match_revoked(self, presented: Optional[str]) -> Optional[str]:
+        """The digest of a revoked key (for the audit line of its 401), or None."""
+        if not presented or not self._revoked:
+            return None
+        return self._find(hashlib.sha256(presented.encode("utf-8")).digest(), self._revoked)
 
 
 def bearer_token(scope: Scope) -> Optional[str]:
@@ -164,18 +194,35 @@ class SecurityMiddleware:
 
     The limits it enforces are this replica's share of the app's budget (`set_shares`, from the control plane);
     alone (one replica, unit tests) the share is the whole budget. The key is checked once, here: what runs
-    behind sees the request without its `Authorization` header.
+    behind sees the request without its `Authorization` header. `set_file_keys` swaps in the key file's
+    current digests (the environment's stay).
     """
 
-    def __init__(self, app: ASGIApp, settings: SecuritySettings, clock: Callable[[], float] = time.monotonic):
+    def __init__(self, app: ASGIApp, settings: SecuritySettings, clock: Callable[[], float] = time.monotonic,
+                 recorder: Optional["Recorder"] = None):
         self.app = app
         self.settings = settings
         self.keys = KeyStore(settings.key_digests)
         self.clock = clock
+        self.recorder = recorder
         self.in_flight: dict[str, int] = {}
         self.buckets: dict[str, _TokenBucket] = {}
         self.max_concurrent = settings.max_concurrent_per_key
         self.rate_per_minute: Optional[float] = settings.requests_per_minute_per_key
+
+    def set_file_keys(self, kf: KeyFile) -> None:
+        """The key file changed: accept the environment's keys and the file's active ones, from the next request
+        on. Admitted requests keep running; a revoked key's limit state goes once its requests are done."""
+        store = KeyStore(list(self.settings.key_digests) + kf.active, kf.revoked)
+        if not len(store):
+            log.error("no API key left (the key file has none active and no environment key is set): every request "
+                      "gets 401 until a key is added")
+        before = len(self.keys)
+        self.keys = store
+        live = set(self.settings.key_digests) | set(kf.active)
+        for d in [d for d in self.buckets if d not in live]:
+            del self.buckets[d]
+        log.info("API keys reloaded: %d accepted (was %d), %d revoked", len(store), before, len(kf.revoked))
 
     def set_shares(self, shares: dict) -> None:
         """Apply this replica's share of the per-key budgets (keys as in SecuritySettings)."""
@@ -197,15 +244,33 @@ class SecurityMiddleware:
         if scope.get("type") != "http":
             await self.app(scope, receive, send)
             return
+        if self.recorder is None:
+            await self._handle(scope, receive, send, None)
+            return
+        obs = self.recorder.begin(scope)
+        try:
+            await self._handle(scope, receive, obs.wrap(send), obs)
+        finally:
+            self.recorder.observe(obs)
+
+    async def _handle(self, scope: Scope, receive: Receive, send: Send, obs: Optional["Observation"]) -> None:
         s = self.settings
-        digest = self.keys.match(bearer_token(scope))
+        token = bearer_token(scope)
+        digest = self.keys.match(token)
         if digest is None:
-            log.warning("401 %s %s: missing or invalid API key", scope.get("method"), scope.get("path"))
+            revoked = self.keys.match_revoked(token)
+            if obs is not None:
+                obs.refusal = "revoked_key" if revoked else "invalid_api_key"
+                obs.key_id = key_id(revoked) if revoked else None
+            log.warning("401 %s %s: %s", scope.get("method"), scope.get("path"),
+                        f"revoked key {key_id(revoked)}" if revoked else "missing or invalid API key")
             await self._reject(send, 401, error_body(
                 "Missing or invalid API key. Send it as 'Authorization: Bearer <key>'.",
                 "invalid_request_error", "invalid_api_key"), [(b"www-authenticate", b"Bearer")])
             return
-        kid = digest[:8]
+        kid = key_id(digest)
+        if obs is not None:
+            obs.key_id = kid
 
         if self.rate_per_minute is not None:
             bucket = self.buckets.get(digest)
@@ -213,6 +278,8 @@ class SecurityMiddleware:
                 bucket = self.buckets[digest] = _TokenBucket(self.rate_per_minute, self.clock)
             wait = bucket.take()
             if wait > 0:
+                if obs is not None:
+                    obs.refusal = "rate_limit"
                 log.warning("429 key %s: rate limit %s/min", kid, s.requests_per_minute_per_key)
                 await self._reject(send, 429, error_body(
                     f"Rate limit of {s.requests_per_minute_per_key} requests per minute reached for this key.",
@@ -220,6 +287,8 @@ class SecurityMiddleware:
                 return
 
         if self.in_flight.get(digest, 0) >= self.max_concurrent:
+            if obs is not None:
+                obs.refusal = "concurrency_limit"
             log.warning("429 key %s: %d requests in flight", kid, s.max_concurrent_per_key)
             await self._reject(send, 429, error_body(
                 f"Too many concurrent requests for this key (limit {s.max_concurrent_per_key}).",
@@ -228,6 +297,8 @@ class SecurityMiddleware:
 
         declared = content_length(scope)
         if declared is not None and declared > s.max_body_bytes:
+            if obs is not None:
+                obs.refusal = "body_too_large"
             await self._too_large(send, declared)
             return
 
@@ -236,8 +307,12 @@ class SecurityMiddleware:
             try:
                 body = await self._read_body(receive)
             except _BodyTooLarge:
+                if obs is not None:
+                    obs.refusal = "body_too_large"
                 await self._too_large(send, None)
                 return
+            if obs is not None and obs.keep:
+                obs.body = body
             scope = {**scope, "headers": [(k, v) for k, v in scope.get("headers", []) if k.lower() != b"authorization"]}
             await self.app(scope, replay(body, receive), send)
         finally:

@@ -62,12 +62,94 @@ def test_a_replica_that_stops_calling_in_expires_and_releases_the_gate():
     assert s.view("new")["gate_open"]
 
 
+def test_a_dead_replica_releases_its_limit_share_at_once_not_after_the_expiry():
+    """A replica killed without deregistering: its actor's name leaves the cluster's named actors, and the next
+    liveness check (every WATCH_S) hands its share to the live replicas; before, it stayed reserved for EXPIRY_S."""
+    from serve.control import EXPIRY_S, WATCH_S
+
+    s, now = state(slots=32)
+    names = {rid: f"SERVE_REPLICA::app#model:m#{rid}" for rid in ("r1", "r2")}
+    for rid in names:
+        s.register(rid, "m", "w", True, {}, actor=names[rid])
+    for rid in ("r1", "r2", "r1", "r2"):
+        s.view(rid)
+    assert [s.replicas[r].granted_slots for r in ("r1", "r2")] == [16, 16]
+    now[0] += WATCH_S
+    assert s.drop_dead({names["r1"]}, snapshot_at=now[0]) == ["r2"]  # r2's actor is gone
+    assert now[0] < EXPIRY_S and s.view("r1")["max_concurrent_per_key"] == 32
+    # A replica registered after the snapshot was taken is not judged by it.
+    snapshot = now[0]
+    now[0] += 0.5
+    s.register("r3", "m", "w", True, {}, actor="SERVE_REPLICA::app#model:m#r3")
+    assert s.drop_dead({names["r1"]}, snapshot_at=snapshot) == []
+    assert "r3" in s.replicas
+
+
+def test_a_restarted_control_plane_rebuilds_gates_shares_and_the_deployment_record_from_the_replicas():
+    """The control actor restarts with an empty state. Replicas re-register with what they hold; until REBUILD_S
+    has passed no gate opens and no share grows (a replica that has not re-registered yet may still hold one)."""
+    from serve.control import REBUILD_S
+
+    s, now = state(slots=10)
+    s.set_deployed({"config": {"app_name": "a"}, "key_digests": ["d"]})
+    s.register("old", "m", "w1", True, {"w": "w1"})
+    s.register("old2", "m", "w1", True, {"w": "w1"})
+    for rid in ("old", "old2", "old", "old2"):
+        s.view(rid)
+    s.register("new", "m", "w2", True, {"w": "w2"})  # a swap under way: gated behind the old weights
+    held = {}
+    for rid in ("old", "old2", "new", "old", "old2", "new"):
+        v = s.view(rid)
+        r = s.replicas[rid]
+        held[rid] = {"seq": v["seq"], "gate_open": r.gate_open, "granted_slots": r.granted_slots,
+                     "granted_rate": r.granted_rate, "deployed": s.deployed, "deployed_gen": v["deployed_gen"]}
+    assert not held["new"]["gate_open"] and held["old"]["gate_open"]
+    assert sum(h["granted_slots"] for h in held.values()) <= 10
+
+    fresh = ControlState(Limits(10, None), clock=lambda: now[0])  # the restarted actor
+    fresh.restarted()
+    assert fresh.deployed is None
+    # The new replica is back first; the old ones have not re-registered yet: its gate must stay closed.
+    fresh.register("new", "m", "w2", True, {"w": "w2"}, held=held["new"])
+    assert not fresh.view("new")["gate_open"]
+    fresh.register("old", "m", "w1", True, {"w": "w1"}, held=held["old"])
+    fresh.register("old2", "m", "w1", True, {"w": "w1"}, held=held["old2"])
+    for rid in ("new", "old", "old2"):
+        fresh.view(rid)
+    assert sum(r.granted_slots for r in fresh.replicas.values()) <= 10
+    assert fresh.deployed == {"config": {"app_name": "a"}, "key_digests": ["d"]}  # swap_model works again
+    now[0] += REBUILD_S + 0.1
+    assert not fresh.view("new")["gate_open"]  # the older weights still answer: the order survived the restart
+    assert fresh.cards()["m"]["w"] == "w1"
+    fresh.deregister("old"), fresh.deregister("old2")
+    assert fresh.view("new")["gate_open"] and fresh.cards()["m"]["w"] == "w2"
+    # A replica registering after the restart comes after every replica registered before it.
+    fresh.register("later", "m", "w1", True, {})
+    assert fresh.replicas["later"].seq > max(h["seq"] for h in held.values())
+
+
+def test_swap_events_count_a_swap_once_it_completes():
+    s, _ = state()
+    s.register("a", "m", "w1", False, {})
+    s.view("a")
+    s.register("b", "m", "w2", False, {})
+    s.view("b")
+    assert s.events == [("m", "started")]
+    s.deregister("a")
+    s.view("b")
+    assert s.events == [("m", "started"), ("m", "completed")]
+    s.register("c", "m", "w2", False, {})  # scale-up with the same weights: no swap
+    s.view("c")
+    assert len(s.events) == 2
+
+
 # ---------------------------------------------------------------- limit shares
 def test_limits_split_exactly_across_ingress_replicas_and_rebalance():
     s, _ = state(slots=10, rate=60.0)
     s.register("r1", "m", "w", True, {})
-    assert s.view("r1") | {"version": 0} == {"version": 0, "gate_open": True, "max_concurrent_per_key": 10,
-                                             "requests_per_minute_per_key": 60.0}
+    view = s.view("r1")
+    assert {k: view[k] for k in ("gate_open", "max_concurrent_per_key", "requests_per_minute_per_key")} == {
+        "gate_open": True, "max_concurrent_per_key": 10, "requests_per_minute_per_key": 60.0}
     s.register("r2", "m", "w", True, {})
     s.register("peer", "judge", "j", False, {})  # not an ingress replica: no share
     assert "max_concurrent_per_key" not in s.view("peer")
