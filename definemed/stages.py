@@ -34,6 +34,9 @@ class Stage:
     run: str  # "module:function"
     help: str
     uses_ray: bool = True
+    # "module:function(cfg)": checks of the inputs that write nothing (tokenizers, sizes), run before the stage's
+    # lock and log so that a rejected input is one line and exit 2
+    preflight: str | None = None
 
     def config_model(self) -> type[StageConfig]:
         return _load(self.config)
@@ -75,6 +78,14 @@ STAGES: dict[str, Stage] = {
         Stage("merge-search", "definemed.merge.search.config:MergeSearchConfig", "definemed.merge.search.run:run",
               "Search merge recipes on Ray Tune (Optuna's multi-objective sampler) for medical gain, instruction "
               "following and language confusion at once; Pareto front on dev, re-scored on test."),
+        Stage("prune", "definemed.distill.prune:PruneConfig", "definemed.distill.prune:run",
+              "Cut a student from the teacher: drop the blocks of lowest block importance (depth) or the MLP "
+              "channels of lowest activation importance (width), measured on training-side calibration rows.",
+              preflight="definemed.distill.prune:check_inputs"),
+        Stage("distill", "definemed.distill.stage:DistillConfig", "definemed.distill.stage:run",
+              "Knowledge distillation on Ray Train (CPT's FSDP2 loop): (1 - alpha) CE + alpha T^2 KL against a "
+              "frozen teacher (replicated or sharded), and a CE-only control on the same tokens.",
+              preflight="definemed.distill.stage:check_inputs"),
         Stage("serve-demo", "serve.demo:ServeDemoConfig", "serve.demo:run",
               "Serve the merged model behind the secured OpenAI endpoint, ask one German clinical question, stop."),
         Stage("eval", "definemed.eval.config:EvalConfig", "definemed.eval.stage:run",
@@ -198,6 +209,8 @@ def run_stage(stage: Stage, cfg: StageConfig, ray_address: str | None = None,
         log.warning("[%s] already complete in %s (config and inputs unchanged); reusing its outputs",
                     stage.name, cfg.output_dir)
         return d.done["outputs"]
+    if stage.preflight:
+        _load(stage.preflight)(cfg)
     if d.action == "rerun" and d.done is not None and on_stale == "refuse" and not rerun:
         raise StaleOutputsError(
             f"{cfg.output_dir} holds outputs made from other inputs: {d.why}; pass --rerun to recompute them "

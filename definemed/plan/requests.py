@@ -162,6 +162,31 @@ def merge_search(cfg, resources: Mapping[str, float]) -> StageRequests:
         note=f"{cfg.trials} trials, up to {cfg.max_concurrent_trials} side by side")])
 
 
+def prune(cfg, resources: Mapping[str, float]) -> StageRequests:
+    o = cfg.resources.ray_options()  # distill/prune.py: one Ray task, like merge
+    bundle = {"CPU": o.get("num_cpus"), "GPU": o.get("num_gpus"), "memory": o.get("memory"),
+              **o.get("resources", {})}
+    return StageRequests("prune", [Request("prune", "prune", "calibration + pruning task (loads the teacher)",
+                                           [bundle])])
+
+
+def distill(cfg, resources: Mapping[str, float]) -> StageRequests:
+    from definemed.train.trainer import scaling_config
+
+    p = cfg.parallel
+    scaling = scaling_config(cfg, dict(resources))  # the ScalingConfig distill/stage.py gives TorchTrainer
+    runs = ["student"] + (["control"] if cfg.control else [])
+    what = {"student": "student + frozen teacher", "control": "CE-only control"}
+    out = StageRequests("distill", [Request(
+        "distill", f"worker {run}", f"Ray Train worker (FSDP2 rank; {what[run]})", [_scaling_bundle(scaling)],
+        strategy=scaling.placement_strategy, min_units=p.num_workers, max_units=p.num_workers, phase=run)
+        for run in runs],
+        notes=[f"teacher placement: {cfg.teacher.placement} (auto: replicated while its weights take <= "
+               f"{cfg.teacher.replicate_below:.0%} of a worker's device memory)"])
+    _auto_note(out, "workers", p.use_gpu, "gpu" if scaling.use_gpu else "cpu", resources)
+    return out
+
+
 def _engine_task(engine, resources: Mapping[str, float]) -> Bundle:
     from definemed.engine import task_resources
 
@@ -231,7 +256,8 @@ def serve_demo(cfg, resources: Mapping[str, float]) -> StageRequests:
 BUILDERS: dict[str, Callable[[Any, Mapping[str, float]], StageRequests]] = {
     "tokenizers": tokenizers,
     "tiny-models": tiny_models, "annotate": annotate, "classify-train": classify_train, "filter": filter_,
-    "pack": pack, "cpt": cpt, "merge": merge, "merge-search": merge_search, "serve-demo": serve_demo, "eval": eval_, "serve": serve,
+    "pack": pack, "cpt": cpt, "merge": merge, "merge-search": merge_search,
+    "prune": prune, "distill": distill, "serve-demo": serve_demo, "eval": eval_, "serve": serve,
 }
 
 

@@ -1,0 +1,4 @@
+from jobs._common import main
+
+if __name__ == "__main__":
+    main("distill")
