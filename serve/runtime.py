@@ -190,7 +190,7 @@ def _start_audit(cfg: ServeConfig) -> None:
 
     settings = audit_settings(cfg)
     if settings is None:
-        log.warning("app '%s': no audit trail (audit.dir is not set)", cfg.app_name)
+        log.info("app '%s': no audit trail (audit.dir is not set)", cfg.app_name)
         return
     try:
         head = ray.get(get_writer(cfg.app_name, settings).head.remote(), timeout=120)
@@ -389,6 +389,9 @@ def serve_forever(cfg: ServeConfig, ray_address: Optional[str] = None, detach: b
     """`definemed serve`: deploy (or update the running app), print where it is (never the key), serve until
     SIGINT/SIGTERM, then stop."""
     ep, fresh = _launch(cfg, None, False, ray_address)
+    if not cfg.audit.dir:
+        print("definemed serve: WARNING no audit trail (set audit.dir: one hash-chained line per request)",
+              flush=True)
     print(f"definemed serve: {', '.join(ep.models)} at {ep.base_url} "
           f"(API key from {'$' + cfg.api_key_env if cfg.api_key_env else ''}"
           f"{' / ' if cfg.api_key_env and cfg.api_key_file else ''}{cfg.api_key_file or ''})", flush=True)

@@ -26,3 +26,41 @@ def test_weights_card_without_lineage(tmp_path):
     (tmp_path / "config.json").write_text("{}")
     card = weights_card("base", str(tmp_path), None)
     assert "lineage" not in card and card["weights_sha256"]
+
+
+def test_replicas_switch_off_vllms_logging_setup_and_log_through_serve():
+    """vLLM's dictConfig at import closes every handler of the process (Serve's replica log file included);
+    replicas run with VLLM_CONFIGURE_LOGGING=0 and hand vLLM's and our records to Serve's logger instead."""
+    import logging
+
+    import vllm.envs
+
+    from serve.app import model_env
+    from serve.config import ServeConfig
+    from serve.server import _log_like_serve
+
+    assert "VLLM_CONFIGURE_LOGGING" in vllm.envs.environment_variables, "vLLM dropped VLLM_CONFIGURE_LOGGING"
+    cfg = ServeConfig(app_name="t", port=0, models=[{"id": "m", "model": "tiny://qwen2"}])
+    assert model_env(cfg.models[0], cfg)["VLLM_CONFIGURE_LOGGING"] == "0"
+    seen = []
+
+    class Capture(logging.Handler):
+        def emit(self, record):
+            seen.append(record.getMessage())
+
+    serve_logger = logging.getLogger("ray.serve")
+    before = list(serve_logger.handlers)
+    saved = {n: (list(lg.handlers), lg.propagate, lg.level)
+             for n in ("definemed.serve", "vllm") for lg in [logging.getLogger(n)]}
+    _log_like_serve()
+    serve_logger.handlers = [Capture()]  # Serve replaces its handlers while a replica starts: records follow
+    try:
+        logging.getLogger("definemed.serve.audit").warning("audit line")
+        logging.getLogger("vllm.engine").info("engine line")
+    finally:
+        serve_logger.handlers = before
+        for n, (handlers, propagate, level) in saved.items():  # this test process keeps its own logging
+            lg = logging.getLogger(n)
+            lg.handlers, lg.propagate = handlers, propagate
+            lg.setLevel(level)
+    assert seen == ["audit line", "engine line"]
