@@ -248,7 +248,8 @@ async def _admission(url: str, key: str, n: int) -> tuple[int, list[int]]:
     conns = await _held_requests(url, key, n)
     pending = {asyncio.ensure_future(_status(r)): i for i, (r, _, _) in enumerate(conns)}
     refused: set[int] = set()
-    deadline = last_refusal = time.monotonic() + 120
+    last_refusal = time.monotonic()
+    deadline = last_refusal + 120
     while time.monotonic() < deadline:  # wait for the refusals, then 3 s without a new one
         done, _ = await asyncio.wait(list(pending), timeout=1.0)
         for fut in done:
@@ -350,13 +351,20 @@ def test_a_replica_killed_under_load_fails_only_what_it_had_in_flight_and_its_sh
         if len(_replicas()) == 1:
             probe = asyncio.run(_admission(endpoint.base_url, DEATH_KEY, MAX_CONCURRENT * 3 // 4))
             alone = len(_replicas()) == 1  # the replacement was not up yet: the probe saw the survivor alone
-        t_capacity = None
+        t_probe_done = time.monotonic()
+        t_capacity, first = None, {}
         while time.monotonic() < t_kill + 400:
             st = ray_serve.status().applications[APP].deployments["model:merged"].replica_states.get("RUNNING", 0)
             reps = _replicas()
-            if st == 2 and len(reps) == 2 and all(r["gate_open"] for r in reps.values()) and \
-                    sorted(r["granted_slots"] for r in reps.values()) == [MAX_CONCURRENT // 2] * 2:
-                t_capacity = time.monotonic()
+            now = time.monotonic()
+            if st == 2:
+                first.setdefault("serve_running", now)
+            if len(reps) == 2:
+                first.setdefault("registered", now)
+            if sorted(r["granted_slots"] for r in reps.values()) == [MAX_CONCURRENT // 2] * 2:
+                first.setdefault("split", now)
+            if st == 2 and len(reps) == 2 and all(r["gate_open"] for r in reps.values()) and "split" in first:
+                t_capacity = now
                 break
             time.sleep(0.5)
         assert t_capacity is not None, "Serve did not bring the second replica back"
@@ -373,7 +381,8 @@ def test_a_replica_killed_under_load_fails_only_what_it_had_in_flight_and_its_sh
         "requests": len(results), "failed": len(failed), "in_flight_at_kill": len(in_flight),
         "failed_started_after_kill": len(late), "failure_codes": sorted({str(r[3]) for r in failed}),
         "limits_right_after_s": round(t_limits - t_kill, 2), "capacity_back_after_s": round(t_capacity - t_kill, 1),
-        "probe_admitted": probe[0] if probe else None, "load_avg_at_kill": load_at_kill[0],
+        "probe_admitted": probe[0] if probe else None, "probe_done_after_s": round(t_probe_done - t_kill, 1),
+        **{f"{k}_after_s": round(v - t_kill, 1) for k, v in first.items()}, "load_avg_at_kill": load_at_kill[0],
         "load_avg_after": load_after[0]}
     print(f"replica death: {fig}")
     assert len(failed) <= len(in_flight) <= concurrency  # at most what was in flight at the kill failed
