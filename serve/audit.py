@@ -409,22 +409,15 @@ def get_writer(app_name: str, settings: AuditSettings):
 
 
 def lookup_writer(app_name: str):
-    import ray
+    from serve.control import lookup_named
 
-    from serve.control import NAMESPACE
-
-    try:
-        return ray.get_actor(writer_name(app_name), namespace=NAMESPACE)
-    except ValueError:
-        return None
+    return lookup_named(writer_name(app_name))
 
 
 def kill_writer(app_name: str) -> None:
-    import ray
+    from serve.control import kill_named
 
-    actor = lookup_writer(app_name)
-    if actor is not None:
-        ray.kill(actor, no_restart=True)
+    kill_named(writer_name(app_name))
 
 
 # ---------------------------------------------------------------- the replica side

@@ -377,22 +377,31 @@ def get_control(app_name: str, limits: Optional[Limits] = None):
                               get_if_exists=True, scheduling_strategy="DEFAULT").remote(lim.__dict__, app_name)
 
 
-def lookup_control(app_name: str):
-    """The running app's control actor, or None."""
+def lookup_named(name: str):
+    """One of our detached actors (control plane, audit writer) by name, or None."""
     import ray
 
     try:
-        return ray.get_actor(actor_name(app_name), namespace=NAMESPACE)
+        return ray.get_actor(name, namespace=NAMESPACE)
     except ValueError:
         return None
 
 
-def kill_control(app_name: str) -> None:
+def kill_named(name: str) -> None:
     import ray
 
-    actor = lookup_control(app_name)
+    actor = lookup_named(name)
     if actor is not None:
         ray.kill(actor, no_restart=True)
+
+
+def lookup_control(app_name: str):
+    """The running app's control actor, or None."""
+    return lookup_named(actor_name(app_name))
+
+
+def kill_control(app_name: str) -> None:
+    kill_named(actor_name(app_name))
 
 
 class ControlClient:
