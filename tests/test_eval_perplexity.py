@@ -64,6 +64,22 @@ def test_general_set_filters_drops_trained_docs_and_limits(tmp_path):
     assert docs == [("b", "zwei")]  # a was trained on, c is blank, d is medical
 
 
+def test_dev_and_test_halves_of_a_set_partition_it_as_the_selection_split_does(tmp_path):
+    """Whatever selected on dev (the distillation sweep, scripts/distill_sweep.py) is reported on `split: test`:
+    the two halves are disjoint, cover the set, and are the documents dev_test_split gives."""
+    from definemed.train.split import dev_test_split
+
+    ids = [f"doc-{i:03d}" for i in range(60)]
+    pq.write_table(pa.table({"id": ids, "text": [f"Text {i}" for i in ids]}), tmp_path / "held.parquet")
+    whole = load_set(PerplexitySetConfig(path=str(tmp_path / "held.parquet")))
+    dev = load_set(PerplexitySetConfig(path=str(tmp_path / "held.parquet"), split="dev"))
+    test = load_set(PerplexitySetConfig(path=str(tmp_path / "held.parquet"), split="test"))
+    assert sorted(dev + test) == whole and not set(dev) & set(test) and 15 < len(dev) < 45
+    assert {i for i, _ in dev} == {i for i, _ in dev_test_split(whole, 0, "dev")}
+    other = load_set(PerplexitySetConfig(path=str(tmp_path / "held.parquet"), split="dev", split_seed=1))
+    assert other != dev  # the seed moves documents
+
+
 def test_frontier_rows_reuse_the_parents_at_t0_and_t1(tmp_path):
     cfg = FrontierConfig(model_a="base", model_b="cpt", t=[0, 0.5, 1], marked=["merged"])
     ppl = []

@@ -57,7 +57,7 @@ def test_rank_prefers_members_that_dominate_the_study_then_the_utopia_distance()
 
 
 def test_dev_test_split_of_a_packs_held_out_documents_is_not_one_sided():
-    from definemed.merge.search.data import split_documents
+    from definemed.train.split import dev_test_split as split_documents
     from definemed.train.split import is_heldout
 
     # exactly what the pack stage holds out (the same seed): the search's own split must not depend on that hash

@@ -34,6 +34,10 @@ class PerplexitySetConfig(StrictModel):
                                                                     "e.g. {gold_label: non_medical}")
     exclude_trained: str | None = Field(None, description="a pack stage's output_dir: drop the documents it "
                                                           "trained on (so a general set never overlaps CPT data)")
+    split: Literal["dev", "test"] | None = Field(None, description="keep one half of the documents by a seeded id "
+                                                  "hash (definemed.train.split.dev_test_split): report on `test` "
+                                                  "what was selected on `dev` (a merge search, a distillation sweep)")
+    split_seed: int = 0
     limit: int | None = Field(None, ge=1, description="first N documents after filtering (sorted by id)")
 
 
@@ -71,6 +75,11 @@ def load_set(cfg: PerplexitySetConfig) -> list[tuple[str, str]]:
 
         df = df[~df[cfg.id_column].astype(str).isin(trained_ids(cfg.exclude_trained))]
     df = df.assign(_id=df[cfg.id_column].astype(str)).sort_values("_id")
+    if cfg.split:
+        from definemed.train.split import dev_test_split
+
+        keep = {i for i, _ in dev_test_split(list(zip(df["_id"], df["_id"])), cfg.split_seed, cfg.split)}
+        df = df[df["_id"].isin(keep)]
     if cfg.limit:
         df = df.head(cfg.limit)
     return list(zip(df["_id"], df[cfg.text_column].astype(str)))

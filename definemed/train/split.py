@@ -32,6 +32,22 @@ def heldout_mask(ids, fraction: float, seed: int) -> list[bool]:
     return [is_heldout(str(i), fraction, seed) for i in ids]
 
 
+def _dev_test_unit(seed: int, doc_id: str) -> float:
+    # salted: the held-out rule above is sha256(f"{seed}:{id}") < fraction, so the same unsalted hash would put every
+    # held-out document on one side. The salt keeps its first user's name so earlier merge searches reproduce.
+    h = hashlib.sha256(f"merge-search:{seed}:{doc_id}".encode()).digest()
+    return int.from_bytes(h[:8], "big") / 2**64
+
+
+def dev_test_split(docs: list[tuple[str, str]], seed: int, split: str, n: int | None = None) -> list[tuple[str, str]]:
+    """The dev or the test half of (id, text) documents by a seeded id hash: whatever selects (a merge search, a
+    distillation sweep) picks on dev, and its result is reported on test. The first n of a split in hash order (a
+    larger n keeps the smaller one's documents)."""
+    keyed = sorted(((_dev_test_unit(seed, i), i, t) for i, t in docs), key=lambda r: r[0])
+    mine = [(i, t) for u, i, t in keyed if (u < 0.5) == (split == "dev")]
+    return mine if n is None else mine[:n]
+
+
 def write_heldout(files: list[str], fs, text_column: str, cfg: HeldoutConfig, out_dir) -> dict:
     """Stream the input once and write its held-out documents (id + text) to `out_dir/heldout.parquet`
     atomically; return the split record for split.json and the lineage."""

@@ -5,30 +5,15 @@ The search selects on dev only; the front and the references are re-scored on te
 """
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass, field
 from typing import Literal
 
 from definemed.config import ConfigError
 from definemed.merge.search.config import ScoringConfig, SplitData
+from definemed.train.split import dev_test_split
 
 Split = Literal["dev", "test"]
 LANGS = ("en", "de")
-
-
-def _unit(seed: int, doc_id: str) -> float:
-    # salted: the pack stage holds out sha256(f"{seed}:{id}") < fraction, so the same unsalted hash would put every
-    # held-out document on one side of the split
-    h = hashlib.sha256(f"merge-search:{seed}:{doc_id}".encode()).digest()
-    return int.from_bytes(h[:8], "big") / 2**64
-
-
-def split_documents(docs: list[tuple[str, str]], seed: int, split: Split, n: int) -> list[tuple[str, str]]:
-    """Half the documents by a seeded id hash go to dev, the other half to test; the first n of a split in hash
-    order (so a larger n keeps the smaller split's documents)."""
-    keyed = sorted(((_unit(seed, i), i, t) for i, t in docs), key=lambda r: r[0])
-    mine = [(i, t) for u, i, t in keyed if (u < 0.5) == (split == "dev")]
-    return mine[:n]
 
 
 @dataclass
@@ -51,7 +36,7 @@ def load_split(cfg: ScoringConfig, split: Split) -> SplitSet:
     sd: SplitData = getattr(cfg, split)
     docs = {}
     for name, sc in cfg.sets.items():
-        chosen = split_documents(load_set(sc), cfg.split_seed, split, sd.documents)
+        chosen = dev_test_split(load_set(sc), cfg.split_seed, split, sd.documents)
         if not chosen:
             raise ConfigError(f"invalid config field 'scoring.sets.{name}': no documents fall in the {split} split")
         docs[name] = chosen
