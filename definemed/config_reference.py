@@ -31,9 +31,18 @@ def _top_models() -> list[tuple[str, type[BaseModel]]]:
 
 
 def _field_comments(model: type[BaseModel]) -> dict[str, str]:
-    """Comments attached to `name: type = ...` lines of the class body (same line, else lines just above)."""
+    """Comments attached to `name: type = ...` lines of the class bodies (same line, else lines just above), the
+    model's own over those of the bases it inherits fields from."""
+    out: dict[str, str] = {}
+    for cls in reversed(model.__mro__):
+        if isinstance(cls, type) and issubclass(cls, BaseModel) and cls is not BaseModel:
+            out.update(_own_comments(cls, model))
+    return out
+
+
+def _own_comments(cls: type, model: type[BaseModel]) -> dict[str, str]:
     try:
-        src = inspect.getsource(model)
+        src = inspect.getsource(cls)
         comments = {t.start[0]: t.string.lstrip("#").strip()
                     for t in tokenize.generate_tokens(io.StringIO(src).readline) if t.type == tokenize.COMMENT}
     except (OSError, TypeError, tokenize.TokenError, IndentationError):

@@ -20,10 +20,9 @@ from typing import Any, Literal
 
 from pydantic import Field, ValidationInfo, field_validator
 
-from definemed.config import ConfigError, InputPath, StageConfig, StrictModel
+from definemed.config import ConfigError, InputPath, StrictModel
 from definemed.models.registry import ModelRef
-from definemed.train.config import (CheckpointConfig, FaultInjection, MetricsConfig, OptimConfig, ParallelConfig,
-                                    TrainConfig, check_global_batch, grad_accum)
+from definemed.train.config import PackedTrainingConfig
 
 log = logging.getLogger(__name__)
 RUN_NAME = "distill"
@@ -69,26 +68,13 @@ class KdConfig(StrictModel):
     chunk_tokens: int = Field(0, ge=0)  # KL over this many target tokens at a time, recomputed in backward; 0: all
 
 
-class DistillConfig(StageConfig):
+class DistillConfig(PackedTrainingConfig):
     """`definemed distill`: a student trained on the teacher's soft targets (and a CE-only control)."""
 
     teacher: TeacherConfig
     student: StudentConfig
-    packed: InputPath  # a pack stage's output_dir, made with the teacher's tokenizer (its training side only)
     kd: KdConfig = KdConfig()
     control: bool = True  # also train the same student from the same init on the same tokens with CE only
-    parallel: ParallelConfig = ParallelConfig()
-    optim: OptimConfig = OptimConfig()
-    train: TrainConfig
-    checkpoint: CheckpointConfig = CheckpointConfig()
-    metrics: MetricsConfig = MetricsConfig()
-    export_dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16"
-    fault_injection: FaultInjection | None = None  # test-only; applies to the KD student's run
-
-    _batch_divides = field_validator("train")(classmethod(check_global_batch))
-
-    def grad_accum(self) -> int:
-        return grad_accum(self)
 
 
 # ----------------------------------------------------------------------------------------------------------------

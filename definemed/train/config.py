@@ -1,13 +1,13 @@
 """Config sections every training stage on Ray Train shares (cpt, distill): workers and mesh, optimizer, steps and
-batch, checkpoints, metrics, fault injection. Each stage config lists them as fields; `check_global_batch` and
-`grad_accum` are the one definition of how the global batch splits into micro-batches."""
+batch, checkpoints, metrics, fault injection, gathered in `PackedTrainingConfig`, the base of both stage configs;
+`check_global_batch` and `grad_accum` are the one definition of how the global batch splits into micro-batches."""
 from __future__ import annotations
 
 from typing import Any, Literal
 
 from pydantic import Field, ValidationInfo, field_validator
 
-from definemed.config import StrictModel
+from definemed.config import InputPath, StageConfig, StrictModel
 
 
 class ParallelConfig(StrictModel):
@@ -89,3 +89,21 @@ def check_global_batch(cls, v: TrainConfig, info: ValidationInfo) -> TrainConfig
 def grad_accum(cfg: Any) -> int:
     """Micro-batches of one packed sequence per worker and optimizer step."""
     return cfg.train.global_batch_tokens // (cfg.train.seq_len * cfg.parallel.num_workers)
+
+
+class PackedTrainingConfig(StageConfig):
+    """What a stage that trains on packed sequences under Ray Train configures besides its models."""
+
+    packed: InputPath  # a pack stage's output_dir, tokenized with the trained model's tokenizer (checked at start)
+    parallel: ParallelConfig = ParallelConfig()
+    optim: OptimConfig = OptimConfig()
+    train: TrainConfig
+    checkpoint: CheckpointConfig = CheckpointConfig()
+    metrics: MetricsConfig = MetricsConfig()
+    export_dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16"
+    fault_injection: FaultInjection | None = None  # test-only (distill: the KD student's run)
+
+    _batch_divides = field_validator("train")(classmethod(check_global_batch))
+
+    def grad_accum(self) -> int:
+        return grad_accum(self)

@@ -9,14 +9,11 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
-from pydantic import field_validator
-
-from definemed.config import InputPath, StageConfig
 from definemed.models.registry import ModelRef
-from definemed.train.config import (CheckpointConfig, FaultInjection, MetricsConfig, OptimConfig, ParallelConfig,
-                                    TrainConfig, check_global_batch, grad_accum)
+from definemed.train.config import (CheckpointConfig, FaultInjection, MetricsConfig, OptimConfig, PackedTrainingConfig,
+                                    ParallelConfig, TrainConfig)
 from definemed.train.trainer import scaling_config
 
 log = logging.getLogger(__name__)
@@ -28,21 +25,8 @@ __all__ = ["CptConfig", "ParallelConfig", "OptimConfig", "TrainConfig", "Checkpo
            "FaultInjection", "scaling_config", "build_trainer", "train_loop_per_worker", "run"]
 
 
-class CptConfig(StageConfig):
+class CptConfig(PackedTrainingConfig):
     model: ModelRef  # base instruct model: tiny://qwen2, /models/Qwen2.5-7B-Instruct, ...
-    packed: InputPath  # the pack stage's output_dir
-    parallel: ParallelConfig = ParallelConfig()
-    optim: OptimConfig = OptimConfig()
-    train: TrainConfig
-    checkpoint: CheckpointConfig = CheckpointConfig()
-    metrics: MetricsConfig = MetricsConfig()
-    export_dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16"
-    fault_injection: FaultInjection | None = None
-
-    _batch_divides = field_validator("train")(classmethod(check_global_batch))
-
-    def grad_accum(self) -> int:
-        return grad_accum(self)
 
 
 def train_loop_per_worker(loop: dict[str, Any]) -> None:
