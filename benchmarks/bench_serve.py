@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import logging
 import os
 import re
 import secrets
@@ -86,6 +87,9 @@ def request_body(model: str, chat: bool, max_tokens: int) -> tuple[str, dict]:
 
 async def measure(base_url: str, key: str, path: str, body: dict, concurrency: int, n: int) -> dict:
     import httpx
+
+    # Ray's logging setup lets httpx log every request at INFO: a formatted line per request in the load generator.
+    logging.getLogger("httpx").setLevel(logging.WARNING)
 
     sem = asyncio.Semaphore(concurrency)
     lat: list[float] = []
