@@ -85,6 +85,14 @@ def request_body(model: str, chat: bool, max_tokens: int) -> tuple[str, dict]:
     return "/completions", {**common, "prompt": QUESTION}
 
 
+def measured_run(base_url: str, key: str, path: str, body: dict, concurrency: int, n: int, rnd: int) -> dict:
+    """One measured level of one round: `measure`'s result with the round and the load average beside it."""
+    r = asyncio.run(measure(base_url, key, path, body, concurrency, n))
+    r.pop("_ids")
+    r.update(round=rnd, load1=os.getloadavg()[0])
+    return r
+
+
 async def measure(base_url: str, key: str, path: str, body: dict, concurrency: int, n: int) -> dict:
     import httpx
 
@@ -348,9 +356,7 @@ def bench_model(ref: str, args: argparse.Namespace, key: str) -> dict:
                 n = max(conc, int(n * args.scale))
                 order = names[rnd % len(names):] + names[:rnd % len(names)]  # who goes first rotates
                 for name in order:
-                    r = asyncio.run(measure(targets[name], key, path, body, conc, n))
-                    r.pop("_ids")
-                    r.update(round=rnd, load1=os.getloadavg()[0])
+                    r = measured_run(targets[name], key, path, body, conc, n, rnd)
                     runs[name].append(r)
                     print(f"  [{ref}] round {rnd} {name:6s} c={conc:2d}: {r['rps']:6.1f} req/s  p50 "
                           f"{r['p50_ms']:7.1f} ms  p95 {r['p95_ms']:7.1f} ms  errors {r['errors'] or 0}  "

@@ -75,9 +75,7 @@ def main() -> int:
         for rnd in range(args.rounds):
             for conc, n in bs.LEVELS.items():
                 for name in names[rnd % 3:] + names[:rnd % 3]:
-                    r = asyncio.run(bs.measure(targets[name], key, path, body, conc, n))
-                    r.pop("_ids")
-                    r.update(round=rnd, load1=os.getloadavg()[0])
+                    r = bs.measured_run(targets[name], key, path, body, conc, n, rnd)
                     runs[name].append(r)
                     print(f"  round {rnd} {name} (audit {'on ' if APPS[name] else 'off'}) c={conc:2d}: "
                           f"{r['rps']:6.1f} req/s  p50 {r['p50_ms']:7.1f} ms  p95 {r['p95_ms']:7.1f} ms  "
